@@ -1,0 +1,35 @@
+# featx: `make demo` and `make test` work on a fresh machine (they install first).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The torch + torchvision pair that imports on our 2-core build machines
+# (shared/ENVIRONMENT.md); override on other platforms: make TORCH_PAIR="torch torchvision"
+TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.featx-installed
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PAIR)
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -c "import torch, torchvision, ray, transformers, timm, pyarrow, duckdb, moto"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/featx demo
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q tests -m "not slow"
+
+bench: install
+	$(BIN)/python benchmarks/embed_throughput.py
+
+clean:
+	rm -rf $(VENV) featx-demo .pytest_cache

@@ -1,0 +1,180 @@
+"""Object storage through fsspec: s3://, gs://, az://, file:// and plain paths.
+
+Endpoints and credentials come from the standard places (``AWS_ENDPOINT_URL``,
+``AWS_*`` variables, profiles, instance roles) or from config ``storage_options``.
+They are never logged: :func:`redact` hides them in anything printed or saved.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import posixpath
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from operators.errors import InputError
+
+_SECRET_WORDS = ("secret", "token", "password", "passwd", "key", "credential", "sas", "signature", "auth")
+_PUBLIC_KEYS = {"endpoint_url", "region_name", "anon", "use_ssl", "client_kwargs", "config_kwargs", "profile", "account_name"}
+
+T = TypeVar("T")
+
+
+def redact(options: Any) -> Any:
+    """Replace secret-looking values (keys, secrets, tokens, passwords) by '***'."""
+    if isinstance(options, dict):
+        out: dict[str, Any] = {}
+        for k, v in options.items():
+            lk = str(k).lower()
+            if lk not in _PUBLIC_KEYS and any(w in lk for w in _SECRET_WORDS):
+                out[k] = "***"
+            else:
+                out[k] = redact(v)
+        return out
+    if isinstance(options, list):
+        return [redact(v) for v in options]
+    return options
+
+
+def get_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the protocol-less path for a URI."""
+    try:
+        return url_to_fs(uri, **(storage_options or {}))
+    except (ImportError, ValueError) as e:
+        proto = uri.split("://", 1)[0] if "://" in uri else "file"
+        hint = {"gs": "pip install gcsfs", "gcs": "pip install gcsfs", "az": "pip install adlfs", "abfs": "pip install adlfs"}
+        extra = f"; install its driver: {hint[proto]}" if proto in hint else ""
+        raise InputError(f"cannot open storage for {uri!r} ({type(e).__name__}: {e}){extra}") from None
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A URI that :func:`get_fs` maps back to the same file."""
+    return fs.unstrip_protocol(path)
+
+
+def join(uri: str, *parts: str) -> str:
+    base = uri.rstrip("/")
+    return "/".join([base, *[p.strip("/") for p in parts]])
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float = 0.25) -> T:
+    """Retry transient storage errors (OSError, timeouts) with exponential backoff."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+            raise
+        except (OSError, TimeoutError, ConnectionError) as e:  # s3fs/aiohttp errors derive from OSError
+            if i == attempts - 1:
+                raise InputError(f"{what}: storage error after {attempts} tries: {type(e).__name__}: {e}") from e
+            time.sleep(base_delay * (2**i))
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One input file. Its fingerprint changes when its content may have changed."""
+
+    uri: str
+    rel: str  # path relative to the input root: the stable part of every record key
+    size: int
+    fingerprint: str  # ETag, generation/md5 or mtime, from one listing
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _fingerprint(info: dict[str, Any]) -> str:
+    for k in ("ETag", "etag", "md5Hash", "generation", "content_md5", "LastModified", "last_modified", "mtime", "created"):
+        v = info.get(k)
+        if v not in (None, ""):
+            if isinstance(v, (bytes, bytearray)):
+                v = v.hex()
+            return f"{k}:{str(v).strip(chr(34))}"
+    return f"size:{info.get('size')}"
+
+
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def list_shards(
+    uri: str, extensions: tuple[str, ...], storage_options: dict[str, Any] | None = None
+) -> list[Shard]:
+    """List input files once, with size and fingerprint, sorted by URI.
+
+    ``uri`` is a folder/prefix (searched recursively), a glob, or one file.
+    Only names ending in one of ``extensions`` are kept (case-insensitive).
+    """
+    fs, path = get_fs(uri, storage_options)
+    exts = tuple(e.lower() for e in extensions)
+    if _has_glob(path):
+        root = path.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+        root = root if root.endswith("/") else posixpath.dirname(root)
+        entries = retry(lambda: fs.glob(path, detail=True), f"listing {uri!r}")
+    else:
+        if not retry(lambda: fs.exists(path), f"listing {uri!r}"):
+            raise InputError(f"input {uri!r} does not exist (check the path/bucket name and your credentials)")
+        if retry(lambda: fs.isfile(path), f"listing {uri!r}"):
+            info = retry(lambda: fs.info(path), f"listing {uri!r}")
+            root = posixpath.dirname(path)
+            entries = {path: info}
+        else:
+            root = path
+            entries = retry(lambda: fs.find(path, detail=True), f"listing {uri!r}")
+    shards: list[Shard] = []
+    root = root.rstrip("/")
+    for p, info in sorted(entries.items()):
+        if info.get("type", "file") != "file" or not p.lower().endswith(exts):
+            continue
+        name = posixpath.basename(p)
+        if name.startswith((".", "_")):  # hidden and featx's own files
+            continue
+        rel = posixpath.relpath(p, root) if root else p
+        shards.append(Shard(uri=full_uri(fs, p), rel=rel, size=int(info.get("size") or 0), fingerprint=_fingerprint(info)))
+    if not shards:
+        raise InputError(
+            f"no input files matching {', '.join(extensions)} under {uri!r}; "
+            "check --input and --format (images: .jpg/.jpeg/.png/.webp; webdataset: .tar; parquet; jsonl)"
+        )
+    return shards
+
+
+def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    fs, path = get_fs(uri, storage_options)
+    return retry(lambda: fs.cat_file(path), f"reading {uri!r}")
+
+
+def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Write a whole object atomically: object stores PUT whole objects; local files go through rename."""
+    fs, path = get_fs(uri, storage_options)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    retry(lambda: fs.pipe_file(path, data), f"writing {uri!r}")
+
+
+def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = get_fs(uri, storage_options)
+    return bool(retry(lambda: fs.exists(path), f"checking {uri!r}"))
+
+
+def short_hash(*parts: str, n: int = 16) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:n]
+
+
+def matches_any(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
