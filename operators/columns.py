@@ -1,0 +1,40 @@
+"""Column names shared by the operators. Internal columns start with '_' and never reach the output."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+KEY = "key"
+SOURCE = "source_uri"
+EMBEDDING = "embedding"
+
+PAYLOAD = "_payload"  # raw record: image bytes (binary) or text (string)
+INPUT = "_input"  # preprocessed: uint8 HxWx3 crop (fixed_size_binary) or token ids (list<int32>)
+PIECE = "_piece"  # id of the piece (group of shards -> one output file) the row belongs to
+ERR_STAGE = "_err_stage"  # read | decode | preprocess | embed; null when the row is fine
+ERR_TYPE = "_err_type"
+ERR_MSG = "_err_msg"
+T_READ = "_t_read"  # seconds the read of this row's piece took (same value on each row of a piece)
+T_PRE = "_t_preprocess"
+T_EMBED = "_t_embed"
+
+ERROR_FIELDS = (ERR_STAGE, ERR_TYPE, ERR_MSG)
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field(KEY, pa.string()),
+        pa.field(SOURCE, pa.string()),
+        pa.field("stage", pa.string()),
+        pa.field("error_type", pa.string()),
+        pa.field("message", pa.string()),
+    ]
+)
+
+
+def is_internal(name: str) -> bool:
+    return name.startswith("_")
+
+
+def ok_mask(table: pa.Table) -> pa.ChunkedArray:
+    """True where the row has no error so far."""
+    import pyarrow.compute as pc
+
+    return pc.is_null(table[ERR_STAGE])

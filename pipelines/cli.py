@@ -1,0 +1,90 @@
+"""The `featx` command line."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from operators.errors import FeatxError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="featx: feature extraction and transfer learning on Ray")
+console = Console(stderr=True)
+
+
+def _fail(e: BaseException) -> None:
+    console.print("[bold red]error:[/] " + str(e).replace("[", "\\["), highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def embed(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (only overrides of the defaults)"),
+    input: Optional[str] = typer.Option(None, "--input", help="Input URI: folder/prefix, glob or file"),
+    format: Optional[str] = typer.Option(None, "--format", help="images | webdataset | parquet | jsonl | parquet-images"),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name from `featx models`"),
+    output: Optional[str] = typer.Option(None, "--output", help="Output URI"),
+    set_: list[str] = typer.Option([], "--set", help="Override any config key: --set batch_size=256"),
+    json_out: bool = typer.Option(False, "--json", help="Print the run report as JSON"),
+) -> None:
+    """Embed input shards with a frozen backbone into a Parquet table."""
+    from pipelines.config import build_config, dump_config, parse_set
+    from pipelines.embed import run_embed
+
+    try:
+        overrides: dict[str, Any] = {"input": input, "format": format, "model": model, "output": output}
+        overrides.update(parse_set(set_))
+        cfg = build_config(config, overrides)
+        console.print(f"[dim]resolved config:[/]\n{dump_config(cfg)}", highlight=False)
+        report = run_embed(cfg, progress=lambda m: console.print(m, highlight=False))
+    except FeatxError as e:
+        _fail(e)
+    if json_out:
+        print(json.dumps(report, indent=1))
+    else:
+        _print_report(report)
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    t = Table(title=f"featx run {report['run_id']}: {report['status']}", show_header=False)
+    for k in ("output", "snapshot", "model", "shards_total", "shards_processed", "shards_skipped", "rows_in",
+              "rows_out", "error_rows", "published_rows", "data_files_written", "seconds", "rows_per_second",
+              "seconds_to_first_result", "stage_seconds"):
+        t.add_row(k, str(report.get(k)))
+    Console().print(t)
+
+
+@app.command()
+def demo(folder: str = typer.Option("featx-demo", "--dir", help="Where to write the sample data and outputs")) -> None:
+    """Write a small real sample dataset, embed it with the offline default models, query it."""
+    from pipelines.demo import run_demo
+
+    try:
+        run_demo(folder, say=lambda m: console.print(m, highlight=False, markup=False))
+    except FeatxError as e:
+        _fail(e)
+
+
+@app.command()
+def models() -> None:
+    """List the model registry."""
+    from operators.registry import known_models
+
+    t = Table("name", "what")
+    for name, desc in known_models().items():
+        t.add_row(name, desc)
+    Console().print(t)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app(args=argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

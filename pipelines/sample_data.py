@@ -1,0 +1,146 @@
+"""Small real sample datasets that need no network (used by `featx demo`, tests and benchmarks).
+
+Images: crops of the photos bundled with scikit-image, as JPEGs inside
+WebDataset tars (or as loose files), labelled by photo. Text: sentences of
+Python's own documentation (``pydoc_data.topics``), labelled by topic, as
+JSONL or Parquet shards.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+PHOTOS: tuple[str, ...] = (
+    "astronaut", "brick", "camera", "chelsea", "clock", "coffee", "coins", "grass", "gravel", "horse",
+    "immunohistochemistry", "moon", "page", "rocket", "text", "hubble_deep_field", "retina", "cell",
+)
+
+
+def photo(name: str) -> np.ndarray:
+    """A bundled scikit-image photo as uint8 RGB."""
+    import skimage.data
+
+    a = np.asarray(getattr(skimage.data, name)())
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if a.ndim == 2:
+        a = np.stack([a] * 3, axis=-1)
+    return np.ascontiguousarray(a[..., :3].astype(np.uint8))
+
+
+def crops(name: str, n: int, rng: np.random.Generator, half: str | None = None, size: int = 160) -> list[bytes]:
+    """``n`` random square crops (as JPEG bytes) of a photo; ``half`` = 'left'/'right' restricts where."""
+    a = photo(name)
+    h, w = a.shape[:2]
+    x0, x1 = (0, w // 2) if half == "left" else (w // 2, w) if half == "right" else (0, w)
+    out = []
+    for _ in range(n):
+        side = int(rng.integers(min(h, x1 - x0) // 3, min(h, x1 - x0) + 1))
+        x = int(rng.integers(x0, x1 - side + 1))
+        y = int(rng.integers(0, h - side + 1))
+        img = Image.fromarray(a[y:y + side, x:x + side]).resize((size, size), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # reproducible tars
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_image_tars(folder: str | Path, per_photo: int = 8, shards: int = 3, photos: tuple[str, ...] = PHOTOS,
+                     seed: int = 0) -> dict[str, Any]:
+    """WebDataset tars of labelled crops: ``NAME_III.jpg`` + ``.cls`` (label index) + ``.json``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for label, name in enumerate(photos):
+        for i, jpg in enumerate(crops(name, per_photo, rng)):
+            samples.append((f"{name}_{i:03d}", jpg, label, name))
+    for s in range(shards):
+        with tarfile.open(folder / f"shard-{s:05d}.tar", "w") as tar:
+            for key, jpg, label, name in samples[s::shards]:
+                _add(tar, f"{key}.jpg", jpg)
+                _add(tar, f"{key}.cls", str(label).encode())
+                _add(tar, f"{key}.json", json.dumps({"photo": name}).encode())
+    return {"path": str(folder), "records": len(samples), "shards": shards, "labels": list(photos)}
+
+
+def write_image_files(folder: str | Path, per_photo: int = 4, photos: tuple[str, ...] = PHOTOS, seed: int = 0,
+                      fmt: str = "jpg") -> dict[str, Any]:
+    """Loose image files ``PHOTO/III.jpg`` (or .png/.webp)."""
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    n = 0
+    for name in photos:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i, jpg in enumerate(crops(name, per_photo, rng)):
+            path = folder / name / f"{i:03d}.{fmt}"
+            if fmt == "jpg":
+                path.write_bytes(jpg)
+            else:
+                Image.open(io.BytesIO(jpg)).save(path)
+            n += 1
+    return {"path": str(folder), "records": n, "shards": n}
+
+
+def topic_sentences(min_words: int = 4, max_per_topic: int | None = None) -> list[tuple[str, str]]:
+    """(topic, sentence) pairs from Python's bundled documentation, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for topic in sorted(topics):
+        text = re.sub(r"\s+", " ", topics[topic])
+        sents = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)]
+        sents = [s for s in sents if len(s.split()) >= min_words and not s.startswith(("*", "|", ">>>"))]
+        out.extend((topic, s) for s in sents[:max_per_topic])
+    return out
+
+
+def write_text_shards(folder: str | Path, fmt: str = "jsonl", shards: int = 4, max_per_topic: int | None = 30,
+                      limit: int | None = None) -> dict[str, Any]:
+    """Text shards with columns id, text, label (topic)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": f"t{i:06d}", "text": s, "label": t}
+            for i, (t, s) in enumerate(topic_sentences(max_per_topic=max_per_topic))][:limit]
+    for s in range(shards):
+        part = rows[s::shards]
+        path = folder / f"part-{s:05d}.{fmt}"
+        if fmt == "jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in part))
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(part), path)
+    return {"path": str(folder), "records": len(rows), "shards": shards}
+
+
+def write_image_parquet(folder: str | Path, per_photo: int = 4, shards: int = 2, photos: tuple[str, ...] = PHOTOS,
+                        seed: int = 0) -> dict[str, Any]:
+    """Parquet shards with an ``image`` bytes column and a ``label`` column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = [{"id": f"{name}-{i}", "image": jpg, "label": name}
+            for name in photos for i, jpg in enumerate(crops(name, per_photo, rng))]
+    for s in range(shards):
+        pq.write_table(pa.Table.from_pylist(rows[s::shards]), os.path.join(folder, f"part-{s:05d}.parquet"))
+    return {"path": str(folder), "records": len(rows), "shards": shards}
