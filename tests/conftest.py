@@ -1,0 +1,119 @@
+"""Shared fixtures: a real S3-protocol server on loopback (moto), a real local Ray, tiny real models."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+S3_KEY, S3_SECRET = "featx-test-key", "featx-test-secret-CANARY"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, Any]]:
+    """moto's real S3-protocol HTTP server on 127.0.0.1; env vars point boto/s3fs at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield {"endpoint": endpoint, "key": S3_KEY, "secret": S3_SECRET, "port": port}
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_fs(s3_server: dict[str, Any]) -> Any:
+    import s3fs
+
+    return s3fs.S3FileSystem(key=S3_KEY, secret=S3_SECRET, client_kwargs={"endpoint_url": s3_server["endpoint"]})
+
+
+_bucket_counter = [0]
+
+
+@pytest.fixture()
+def s3_bucket(s3_fs: Any) -> str:
+    """A fresh bucket for one test."""
+    _bucket_counter[0] += 1
+    name = f"featx-test-{os.getpid()}-{_bucket_counter[0]}"
+    s3_fs.mkdir(name)
+    s3_fs.invalidate_cache()
+    return name
+
+
+def upload(s3_fs: Any, local: str | Path, bucket: str, prefix: str) -> str:
+    s3_fs.put(str(local).rstrip("/") + "/", f"{bucket}/{prefix}/", recursive=True)
+    s3_fs.invalidate_cache()
+    return f"s3://{bucket}/{prefix}"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server: dict[str, Any]) -> Iterator[None]:
+    """One real local Ray for the session (started after the S3 env vars are set, so workers inherit them)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny real BERT (random init, seed 0) with MiniLM's tokenizer, saved as safetensors in a folder."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from operators.registry import _minilm_path
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(folder, safe_serialization=True)
+    src = Path(_minilm_path())
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / f).exists():
+            shutil.copy(src / f, folder / f)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet_weights(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """ResNet-18 weights (random init, seed 0) saved with safetensors: a real model, no download."""
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    path = tmp_path_factory.mktemp("tiny-resnet") / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)

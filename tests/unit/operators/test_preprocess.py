@@ -1,0 +1,75 @@
+"""Preprocessing: the model's own resize/crop, and every bad record becomes an error row."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from operators import columns as C
+from operators.preprocess import decode_image, preprocess_images, preprocess_text
+from operators.registry import ImagePreprocess, resolve
+from pipelines.sample_data import crops
+
+PRE = ImagePreprocess(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def _records(payloads: list, ptype: pa.DataType) -> pa.Table:
+    n = len(payloads)
+    return pa.table({C.KEY: [f"k{i}" for i in range(n)], C.SOURCE: ["s"] * n, C.PAYLOAD: pa.array(payloads, ptype),
+                     C.ERR_STAGE: pa.nulls(n, pa.string()), C.ERR_TYPE: pa.nulls(n, pa.string()),
+                     C.ERR_MSG: pa.nulls(n, pa.string())})
+
+
+def _png(w: int, h: int, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (w, h), 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_decode_resizes_shorter_side_and_centre_crops() -> None:
+    wide = np.zeros((100, 300, 3), np.uint8)
+    wide[:, 140:160] = 255  # a bright band in the middle survives the centre crop
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG")
+    out = decode_image(buf.getvalue(), PRE)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    assert out[:, 112].mean() > 200 and out[:, 0].mean() < 10
+    gray_rgba = decode_image(_png(50, 40, "LA"), PRE)  # grey+alpha becomes RGB
+    assert gray_rgba.shape == (224, 224, 3)
+
+
+def test_bad_images_become_error_rows_and_good_ones_survive() -> None:
+    good = crops("chelsea", 1, np.random.default_rng(0))[0]
+    truncated = good[: len(good) // 2]
+    table = _records([good, b"not an image at all", truncated, b"", _png(9000, 9000)], pa.binary())
+    out = preprocess_images(table, PRE, max_pixels=50_000_000)
+    stages = out[C.ERR_STAGE].to_pylist()
+    assert stages == [None, "decode", "decode", "decode", "decode"]
+    types = out[C.ERR_TYPE].to_pylist()
+    assert types[1] == "UnidentifiedImageError" and types[3] == "EmptyImage" and types[4] == "ImageTooLarge"
+    assert "k2" in out[C.ERR_MSG][2].as_py()
+    assert out.num_rows == 5 and C.PAYLOAD not in out.column_names
+    assert out[C.INPUT].type == pa.binary(224 * 224 * 3)
+    assert out[C.INPUT].null_count == 4
+
+
+def test_text_is_tokenized_unpadded_and_empty_text_is_an_error() -> None:
+    pre = resolve("minilm-l6").preprocessing
+    table = _records(["a short one", "", None, "word " * 1000], pa.string())
+    out = preprocess_text(table, pre)
+    ids = out[C.INPUT].to_pylist()
+    assert out[C.ERR_TYPE].to_pylist() == [None, "EmptyText", "EmptyText", None]
+    assert ids[0][0] == 101 and ids[0][-1] == 102 and len(ids[0]) == 5  # [CLS] a short one [SEP]
+    assert len(ids[3]) == pre.max_length  # truncated to the model's max length
+    assert ids[1] is None and ids[2] is None
+
+
+def test_text_without_tokenizer_folder_fails_clearly(tmp_path) -> None:
+    from operators.errors import ModelLoadError
+    from operators.registry import TextPreprocess
+
+    with pytest.raises(ModelLoadError, match="tokenizer"):
+        preprocess_text(_records(["x"], pa.string()), TextPreprocess(tokenizer=str(tmp_path / "nothing"), max_length=8))
