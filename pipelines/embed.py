@@ -57,6 +57,7 @@ class RunReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed over tasks/actors
     nodes: dict[str, int] = field(default_factory=dict)  # node id -> pieces written there
     resources: dict[str, Any] = field(default_factory=dict)
+    operators: list[str] = field(default_factory=list)  # Ray Data's physical operators, as executed
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -184,9 +185,9 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print) -> dict
         ds = ds.map_batches(
             load_pieces, fn_args=(read_options(cfg), spec.preprocessing), batch_size=1,
             batch_format="pyarrow", num_cpus=cfg.preprocess_num_cpus,
-            # task-level retries for transient storage errors; also keeps Ray Data from fusing this
-            # CPU stage into the embedding actors (their remote args differ), so the two scale apart
-            max_retries=3,
+            # declared memory per task; differing from the actors' it also keeps Ray Data from fusing
+            # this CPU stage into the embedding actors, so the two stages scale apart
+            memory=cfg.preprocess_memory_mb * (1 << 20),
         )
         ds = ds.map_batches(
             EmbedActor,
@@ -206,6 +207,7 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print) -> dict
                     report.seconds_to_first_result = round(time.perf_counter() - t_start, 3)
                 for r in batch.to_pylist():
                     results.setdefault(r["piece"], []).append(r)
+            report.operators = _operator_names(ds)
         except Exception as e:
             report.status = "failed"
             report.finished = now()
@@ -246,6 +248,15 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print) -> dict
         report.nodes[r["node_id"]] = report.nodes.get(r["node_id"], 0) + 1
     _save_report(cfg, report)
     return report.to_dict()
+
+
+def _operator_names(ds: Any) -> list[str]:
+    import re
+
+    try:
+        return re.findall(r"^Operator \d+ (.+?):", ds.stats(), flags=re.M)
+    except Exception:  # stats are informative only
+        return []
 
 
 def _save_report(cfg: EmbedConfig, report: RunReport) -> None:

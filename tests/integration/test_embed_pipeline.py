@@ -1,0 +1,236 @@
+"""End to end on a real local Ray: every input format, from local folders and a real S3 server (moto), to both."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from operators.errors import ConfigError, UnknownModelError
+from pipelines.config import build_config
+from pipelines.embed import run_embed
+from pipelines.manifest import load_manifest
+from pipelines.query import duckdb_connection, read_table
+from pipelines.sample_data import write_image_files, write_image_parquet, write_image_tars, write_text_shards
+from tests.conftest import upload
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+PHOTOS = ("chelsea", "coffee", "brick")
+
+
+def _make_input(fmt: str, folder: Path) -> tuple[int, dict[str, Any]]:
+    """Write a small real input of ``fmt``; returns (records, extra config)."""
+    if fmt == "images":
+        info = write_image_files(folder, per_photo=2, photos=PHOTOS)
+        # one png and one webp among the jpgs
+        from PIL import Image
+
+        Image.open(folder / "chelsea" / "000.jpg").save(folder / "chelsea" / "100.png")
+        Image.open(folder / "coffee" / "000.jpg").save(folder / "coffee" / "100.webp")
+        return info["records"] + 2, {}
+    if fmt == "webdataset":
+        return write_image_tars(folder, per_photo=3, shards=2, photos=PHOTOS)["records"], {}
+    if fmt == "parquet-images":
+        return write_image_parquet(folder, per_photo=2, shards=2, photos=PHOTOS)["records"], {"passthrough": ["label"]}
+    if fmt in ("jsonl", "parquet"):
+        info = write_text_shards(folder, fmt=fmt, shards=3, max_per_topic=2, limit=60)
+        return info["records"], {"passthrough": ["id", "label"], "key_column": "id" if fmt == "parquet" else None}
+    raise AssertionError(fmt)
+
+
+def _model(fmt: str, tiny_bert: str, tiny_resnet_weights: str) -> dict[str, Any]:
+    if fmt in ("jsonl", "parquet"):
+        return {"model": f"hf:{tiny_bert}"}
+    return {"model": "resnet18", "weights": tiny_resnet_weights}
+
+
+FORMATS = ["images", "webdataset", "parquet-images", "jsonl", "parquet"]
+
+
+def _uri(where: str, local: Path, s3_fs: Any, bucket: str, prefix: str) -> str:
+    if where == "local":
+        return str(local)
+    return upload(s3_fs, local, bucket, prefix) if local.exists() else f"s3://{bucket}/{prefix}"
+
+
+def _check_output(output: str, n: int, fmt: str, expected_dim: int, storage_options: dict | None = None) -> pa.Table:
+    manifest = load_manifest(output, storage_options)
+    assert manifest is not None
+    assert manifest["rows"] == n and manifest["error_rows"] == 0
+    assert manifest["dim"] == expected_dim and manifest["model_fingerprint"]
+    assert all(s["fingerprint"] and s["size"] > 0 for p in manifest["pieces"] for s in p["shards"])
+    assert sum(f["rows"] for f in manifest["files"]) == n
+    assert all(f["path"].startswith("data/") for f in manifest["files"])
+    table = read_table(output, storage_options)
+    assert table.num_rows == n
+    assert table.column_names[:3] == ["key", "source_uri", "embedding"]
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), expected_dim)
+    keys = table["key"].to_pylist()
+    assert len(set(keys)) == n  # unique keys
+    if fmt == "webdataset":
+        assert {"cls", "json"} <= set(table.column_names)
+    if fmt in ("jsonl", "parquet"):
+        assert {"id", "label"} <= set(table.column_names)
+    meta = json.loads(table.schema.metadata[b"featx"])
+    for k in ("model", "weights_fingerprint", "dim", "pooling", "normalize", "preprocessing_fingerprint", "featx_version"):
+        assert k in meta, k
+    emb = np.array(table["embedding"].to_pylist())
+    assert np.isfinite(emb).all() and (np.linalg.norm(emb, axis=1) > 0).all()
+    return table
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_format_local(fmt: str, tmp_path: Path, tiny_bert: str, tiny_resnet_weights: str) -> None:
+    n, extra = _make_input(fmt, tmp_path / "in")
+    out = tmp_path / "out"
+    cfg = build_config(None, {"input": str(tmp_path / "in"), "format": fmt, "output": str(out),
+                              **_model(fmt, tiny_bert, tiny_resnet_weights), **extra, "piece_max_shards": 4})
+    report = run_embed(cfg, progress=lambda m: None)
+    assert report["status"] == "succeeded"
+    assert report["rows_in"] == report["rows_out"] == n and report["error_rows"] == 0
+    dim = 32 if fmt in ("jsonl", "parquet") else 512
+    _check_output(str(out), n, fmt, dim)
+    for f in ("_manifest.json", "_report.json", "_config.json"):
+        assert (out / f).exists()
+    assert json.loads((out / "_report.json").read_text())["run_id"] == report["run_id"]
+    # preprocessing runs in CPU tasks of its own, not fused into the embedding actors
+    ops = report["operators"]
+    assert any("load_pieces" in o and "EmbedActor" not in o for o in ops), ops
+    assert any("EmbedActor" in o and "load_pieces" not in o for o in ops), ops
+
+
+# every format s3 -> s3; the local <-> s3 mixes with the formats whose readers differ most
+OBJECT_CASES = [(f, "s3", "s3") for f in FORMATS] + [
+    ("images", "local", "s3"), ("webdataset", "s3", "local"), ("jsonl", "local", "s3"), ("jsonl", "s3", "local"),
+]
+
+
+@pytest.mark.parametrize("fmt,src,dst", OBJECT_CASES, ids=[f"{f}-{a}-to-{b}" for f, a, b in OBJECT_CASES])
+def test_each_format_object_storage(fmt: str, src: str, dst: str, tmp_path: Path, s3_fs: Any, s3_bucket: str,
+                                    tiny_bert: str, tiny_resnet_weights: str) -> None:
+    n, extra = _make_input(fmt, tmp_path / "in")
+    input_uri = _uri(src, tmp_path / "in", s3_fs, s3_bucket, "input")
+    output = str(tmp_path / "out") if dst == "local" else f"s3://{s3_bucket}/emb/{fmt}"
+    cfg = build_config(None, {"input": input_uri, "format": fmt, "output": output,
+                              **_model(fmt, tiny_bert, tiny_resnet_weights), **extra, "piece_max_shards": 4})
+    report = run_embed(cfg, progress=lambda m: None)
+    assert report["rows_out"] == n
+    table = _check_output(output, n, fmt, 32 if fmt in ("jsonl", "parquet") else 512)
+    if src == "s3":
+        assert all(u.startswith(f"s3://{s3_bucket}/input/") for u in table["source_uri"].to_pylist())
+    if dst == "s3":
+        s3_fs.invalidate_cache()
+        assert s3_fs.exists(f"{s3_bucket}/emb/{fmt}/_manifest.json")
+        # the saved config and report never carry credentials
+        for f in ("_config.json", "_report.json"):
+            body = s3_fs.cat_file(f"{s3_bucket}/emb/{fmt}/{f}").decode()
+            assert "CANARY" not in body
+
+
+def test_explicit_storage_options_are_used_and_never_saved(tmp_path: Path, s3_fs: Any, s3_bucket: str,
+                                                           s3_server: dict, tiny_bert: str) -> None:
+    n, extra = _make_input("jsonl", tmp_path / "in")
+    input_uri = upload(s3_fs, tmp_path / "in", s3_bucket, "txt")
+    opts = {"key": s3_server["key"], "secret": s3_server["secret"], "client_kwargs": {"endpoint_url": s3_server["endpoint"]}}
+    output = f"s3://{s3_bucket}/out"
+    cfg = build_config(None, {"input": input_uri, "format": "jsonl", "output": output, "model": f"hf:{tiny_bert}",
+                              "storage_options": opts, **extra})
+    report = run_embed(cfg, progress=lambda m: None)
+    assert report["rows_out"] == n
+    saved = s3_fs.cat_file(f"{s3_bucket}/out/_config.json").decode()
+    assert s3_server["secret"] not in saved and "***" in saved
+
+
+def test_keys_and_vectors_are_stable_across_runs_and_rerun_skips(tmp_path: Path, tiny_resnet_weights: str) -> None:
+    n, _ = _make_input("webdataset", tmp_path / "in")
+    base = {"input": str(tmp_path / "in"), "format": "webdataset", "model": "resnet18", "weights": tiny_resnet_weights}
+    run_embed(build_config(None, {**base, "output": str(tmp_path / "a")}), progress=lambda m: None)
+    run_embed(build_config(None, {**base, "output": str(tmp_path / "b"), "batch_size": 3}), progress=lambda m: None)
+    a = read_table(str(tmp_path / "a")).sort_by("key")
+    b = read_table(str(tmp_path / "b")).sort_by("key")
+    assert a["key"].to_pylist() == b["key"].to_pylist() and a.num_rows == n
+    np.testing.assert_allclose(np.array(a["embedding"].to_pylist()), np.array(b["embedding"].to_pylist()), atol=1e-4)
+    files_a = sorted(p.name for p in (tmp_path / "a" / "data").iterdir())
+    files_b = sorted(p.name for p in (tmp_path / "b" / "data").iterdir())
+    assert files_a == files_b  # deterministic names: shard identity + model fingerprint
+    # a rerun on the same output finds every piece published and embeds nothing again
+    again = run_embed(build_config(None, {**base, "output": str(tmp_path / "a")}), progress=lambda m: None)
+    assert again["pieces_processed"] == 0 and again["shards_skipped"] == 2 and again["published_rows"] == n
+    m = load_manifest(str(tmp_path / "a"))
+    assert m["snapshot"] == 2 and m["rows"] == n
+    assert (tmp_path / "a" / "_manifests" / "00000001.json").exists()
+
+
+def test_bad_records_are_recorded_not_dropped(tmp_path: Path, tiny_resnet_weights: str) -> None:
+    folder = tmp_path / "in"
+    n_good = write_image_files(folder, per_photo=2, photos=PHOTOS)["records"]
+    (folder / "broken.jpg").write_bytes(b"definitely not a jpeg")
+    good = (folder / "chelsea" / "000.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    out = tmp_path / "out"
+    report = run_embed(build_config(None, {"input": str(folder), "format": "images", "output": str(out),
+                                           "model": "resnet18", "weights": tiny_resnet_weights}), progress=lambda m: None)
+    assert report["rows_out"] == n_good and report["error_rows"] == 2 and report["rows_in"] == n_good + 2
+    m = load_manifest(str(out))
+    errs = pa.concat_tables([pq.read_table(out / f["path"]) for f in m["error_files"]])
+    assert sorted(errs["key"].to_pylist()) == ["broken.jpg", "truncated.jpg"]
+    assert set(errs["stage"].to_pylist()) == {"decode"}
+    assert m["rows"] + m["error_rows"] == n_good + 2
+
+
+def test_duckdb_ranks_by_cosine_with_the_cast(tmp_path: Path, tiny_bert: str) -> None:
+    n, extra = _make_input("jsonl", tmp_path / "in")
+    out = tmp_path / "out"
+    run_embed(build_config(None, {"input": str(tmp_path / "in"), "format": "jsonl", "output": str(out),
+                                  "model": f"hf:{tiny_bert}", **extra}), progress=lambda m: None)
+    import duckdb
+
+    table = read_table(str(out))
+    emb = np.array(table["embedding"].to_pylist(), dtype=np.float32)
+    q = emb[7]
+    expected = np.argsort(-(emb @ q) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(q)))[:5]
+    files = [str(out / f["path"]) for f in load_manifest(str(out))["files"]]
+    rows = duckdb.execute(
+        "SELECT key, array_cosine_similarity(embedding::FLOAT[32], ?::FLOAT[32]) AS score "
+        "FROM read_parquet(?) ORDER BY score DESC LIMIT 5", [q.tolist(), files]).fetchall()
+    assert [r[0] for r in rows] == [table["key"][int(i)].as_py() for i in expected]
+    assert rows[0][1] == pytest.approx(1.0, abs=1e-5)
+    # the ready-made view does the cast for the user
+    con = duckdb_connection(str(out))
+    assert con.execute("SELECT typeof(embedding), count(*) FROM embeddings GROUP BY 1").fetchall() == [("FLOAT[32]", n)]
+
+
+def test_errors_before_any_ray_work(tmp_path: Path) -> None:
+    with pytest.raises(UnknownModelError, match="Known models"):
+        run_embed(build_config(None, {"input": str(tmp_path), "format": "jsonl", "output": str(tmp_path / "o"),
+                                      "model": "bert-large-nonexistent"}))
+    from operators.errors import InputError
+
+    with pytest.raises(InputError, match="does not exist"):
+        run_embed(build_config(None, {"input": str(tmp_path / "missing"), "format": "jsonl", "output": str(tmp_path / "o")}))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no input files matching"):
+        run_embed(build_config(None, {"input": str(tmp_path / "empty"), "format": "jsonl", "output": str(tmp_path / "o")}))
+
+
+def test_a_pool_that_would_hang_is_refused(tmp_path: Path, tiny_bert: str) -> None:
+    _make_input("jsonl", tmp_path / "in")
+    cfg = build_config(None, {"input": str(tmp_path / "in"), "format": "jsonl", "output": str(tmp_path / "o"),
+                              "model": f"hf:{tiny_bert}", "num_cpus": 1, "min_actors": 2, "max_actors": 2})
+    with pytest.raises(ConfigError, match="wait forever"):
+        run_embed(cfg, progress=lambda m: None)
+
+
+def test_fractional_cpus_two_actors_and_logical_gpus_do_not_hang(tmp_path: Path, tiny_bert: str) -> None:
+    n, extra = _make_input("jsonl", tmp_path / "in")
+    cfg = build_config(None, {"input": str(tmp_path / "in"), "format": "jsonl", "output": str(tmp_path / "o"),
+                              "model": f"hf:{tiny_bert}", "num_cpus": 0.5, "min_actors": 1, "max_actors": 2,
+                              "piece_max_shards": 1, **extra})
+    report = run_embed(cfg, progress=lambda m: None)
+    assert report["rows_out"] == n and report["pieces_processed"] == 3
+    assert report["resources"]["max_actors"] == 2

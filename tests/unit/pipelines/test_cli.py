@@ -1,0 +1,34 @@
+"""The `featx` command line: clear errors with exit code 2, before any Ray work."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+
+runner = CliRunner()
+
+
+def test_models_lists_the_registry() -> None:
+    res = runner.invoke(app, ["models"])
+    assert res.exit_code == 0
+    for name in ("efficientnet-lite0", "minilm-l6", "resnet50", "vgg16", "vit-b-16"):
+        assert name in res.output
+
+
+def test_unknown_model_exits_2_with_the_known_names(tmp_path: Path) -> None:
+    import ray
+
+    res = runner.invoke(app, ["embed", "--input", str(tmp_path), "--format", "jsonl", "--output", str(tmp_path / "o"),
+                              "--model", "no-such-model"])
+    assert res.exit_code == 2
+    assert "unknown model 'no-such-model'" in res.output and "minilm-l6" in res.output
+    assert not ray.is_initialized()
+
+
+def test_bad_set_value_exits_2_naming_the_key(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["embed", "--config", "text-minilm.yaml", "--set", "batch_size=-4"])
+    assert res.exit_code == 2 and "batch_size" in res.output
+    res = runner.invoke(app, ["embed", "--config", "text-minilm.yaml", "--set", "num_gpu=1"])
+    assert res.exit_code == 2 and "num_gpu: unknown key" in res.output
