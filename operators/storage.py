@@ -6,7 +6,6 @@ They are never logged: :func:`redact` hides them in anything printed or saved.
 """
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import os
 import posixpath
@@ -132,10 +131,9 @@ def list_shards(
     for p, info in sorted(entries.items()):
         if info.get("type", "file") != "file" or not p.lower().endswith(exts):
             continue
-        name = posixpath.basename(p)
-        if name.startswith((".", "_")):  # hidden and featx's own files
-            continue
         rel = posixpath.relpath(p, root) if root else p
+        if any(part.startswith((".", "_")) for part in rel.split("/")):  # hidden, and featx's own _files
+            continue
         shards.append(Shard(uri=full_uri(fs, p), rel=rel, size=int(info.get("size") or 0), fingerprint=_fingerprint(info)))
     if not shards:
         raise InputError(
@@ -143,11 +141,6 @@ def list_shards(
             "check --input and --format (images: .jpg/.jpeg/.png/.webp; webdataset: .tar; parquet; jsonl)"
         )
     return shards
-
-
-def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    fs, path = get_fs(uri, storage_options)
-    return retry(lambda: fs.cat_file(path), f"reading {uri!r}")
 
 
 def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
@@ -163,11 +156,6 @@ def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = 
     retry(lambda: fs.pipe_file(path, data), f"writing {uri!r}")
 
 
-def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
-    fs, path = get_fs(uri, storage_options)
-    return bool(retry(lambda: fs.exists(path), f"checking {uri!r}"))
-
-
 def short_hash(*parts: str, n: int = 16) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -175,6 +163,3 @@ def short_hash(*parts: str, n: int = 16) -> str:
         h.update(b"\0")
     return h.hexdigest()[:n]
 
-
-def matches_any(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatch(name, p) for p in patterns)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -83,6 +84,16 @@ def read_options(cfg: EmbedConfig) -> ReadOptions:
                        storage_options=dict(cfg.storage_options))
 
 
+def _check_output_outside_input(cfg: EmbedConfig) -> None:
+    src = cfg.input.split("*", 1)[0].rstrip("/") + "/"
+    dst = cfg.output.rstrip("/") + "/"
+    if dst.startswith(src) or src.startswith(dst):
+        raise ConfigError(
+            f"output {cfg.output!r} lies inside input {cfg.input!r} (or the other way round): a later run would read "
+            "its own output as input. Choose an output prefix outside the input."
+        )
+
+
 def load_piece(piece_shards: list[dict[str, Any]], piece: str, ropts: ReadOptions,
                pre: ImagePreprocess | TextPreprocess) -> pa.Table:
     """Read + preprocess every shard of one piece (pure; runs in a Ray task)."""
@@ -109,8 +120,9 @@ def init_ray(cfg: EmbedConfig) -> None:
 
     if ray.is_initialized():
         return
-    if cfg.ray_address:
-        ray.init(address=cfg.ray_address, log_to_driver=True)
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
     else:
         ray.init(include_dashboard=False, log_to_driver=True)
 
@@ -162,6 +174,7 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print) -> dict
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     report = RunReport(run_id=run_id, output=cfg.output, started=now(), model=spec.name, model_fingerprint=fp)
 
+    _check_output_outside_input(cfg)
     shards: list[Shard] = list_shards(cfg.input, FORMAT_EXTENSIONS[cfg.format], cfg.storage_options)
     pieces = plan_pieces(shards, cfg.piece_max_shards, int(cfg.piece_target_mb * (1 << 20)))
     previous = load_manifest(cfg.output, cfg.storage_options)

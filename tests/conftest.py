@@ -77,7 +77,8 @@ def ray_local(s3_server: dict[str, Any]) -> Iterator[None]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # one logical GPU: actors asking for num_gpus are scheduled as on a GPU node (CUDA stays unavailable)
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -213,6 +213,8 @@ def test_errors_before_any_ray_work(tmp_path: Path) -> None:
 
     with pytest.raises(InputError, match="does not exist"):
         run_embed(build_config(None, {"input": str(tmp_path / "missing"), "format": "jsonl", "output": str(tmp_path / "o")}))
+    with pytest.raises(ConfigError, match="inside input"):
+        run_embed(build_config(None, {"input": str(tmp_path), "format": "jsonl", "output": str(tmp_path / "emb")}))
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no input files matching"):
         run_embed(build_config(None, {"input": str(tmp_path / "empty"), "format": "jsonl", "output": str(tmp_path / "o")}))
@@ -229,8 +231,12 @@ def test_a_pool_that_would_hang_is_refused(tmp_path: Path, tiny_bert: str) -> No
 def test_fractional_cpus_two_actors_and_logical_gpus_do_not_hang(tmp_path: Path, tiny_bert: str) -> None:
     n, extra = _make_input("jsonl", tmp_path / "in")
     cfg = build_config(None, {"input": str(tmp_path / "in"), "format": "jsonl", "output": str(tmp_path / "o"),
-                              "model": f"hf:{tiny_bert}", "num_cpus": 0.5, "min_actors": 1, "max_actors": 2,
-                              "piece_max_shards": 1, **extra})
+                              "model": f"hf:{tiny_bert}", "num_cpus": 0.5, "num_gpus": 0.5, "min_actors": 1,
+                              "max_actors": 2, "piece_max_shards": 1, **extra})
     report = run_embed(cfg, progress=lambda m: None)
     assert report["rows_out"] == n and report["pieces_processed"] == 3
-    assert report["resources"]["max_actors"] == 2
+    assert report["resources"]["max_actors"] == 2 and report["resources"]["cluster_gpus"] == 1
+    # asking for more GPUs than the cluster has is refused up front, not left waiting
+    with pytest.raises(ConfigError, match="needs 2 GPUs"):
+        run_embed(cfg.model_copy(update={"num_gpus": 1.0, "min_actors": 2, "max_actors": 2, "num_cpus": 0.5}),
+                  progress=lambda m: None)

@@ -18,13 +18,18 @@ def test_models_lists_the_registry() -> None:
 
 
 def test_unknown_model_exits_2_with_the_known_names(tmp_path: Path) -> None:
-    import ray
+    """In a fresh process: the error comes before any Ray work (no local Ray is started)."""
+    import subprocess
+    import sys
 
-    res = runner.invoke(app, ["embed", "--input", str(tmp_path), "--format", "jsonl", "--output", str(tmp_path / "o"),
-                              "--model", "no-such-model"])
-    assert res.exit_code == 2
-    assert "unknown model 'no-such-model'" in res.output and "minilm-l6" in res.output
-    assert not ray.is_initialized()
+    res = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "embed", "--input", str(tmp_path), "--format", "jsonl",
+         "--output", str(tmp_path / "o"), "--model", "no-such-model"],
+        capture_output=True, text=True, timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "unknown model 'no-such-model'" in out and "minilm-l6" in out
+    assert "Ray" not in out and not (tmp_path / "o").exists()
 
 
 def test_bad_set_value_exits_2_naming_the_key(tmp_path: Path) -> None:
