@@ -40,6 +40,7 @@ class EmbedConfig(BaseModel):
     # -- where to write
     output: str
     embedding_dtype: Literal["float32", "float16"] = "float32"
+    max_error_fraction: float = Field(0.01, ge=0, le=1, description="Fail (publish nothing) when more records than this fraction fail")
     piece_max_shards: int = Field(256, ge=1, description="Most input shards grouped into one output file")
     piece_target_mb: float = Field(64.0, gt=0, description="Input megabytes after which a group of small shards is closed")
 

@@ -230,6 +230,7 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print) -> dict
     new_pieces = {p.id: _piece_record(p, results.get(p.id, [])) for p in todo}
     kept = {p.id: done[p.id] for p in pieces if p.id in done}
     all_results = [r for rs in results.values() for r in rs]
+    _check_error_budget(cfg, report, all_results)
     dims = {r["dim"] for r in all_results}
     dim = dims.pop() if len(dims) == 1 else (previous or {}).get("dim") if not dims else None
     if dim is None and dims:
@@ -261,6 +262,42 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print) -> dict
         report.nodes[r["node_id"]] = report.nodes.get(r["node_id"], 0) + 1
     _save_report(cfg, report)
     return report.to_dict()
+
+
+def _check_error_budget(cfg: EmbedConfig, report: RunReport, results: list[dict[str, Any]]) -> None:
+    """Fail the run (publishing nothing) when more than max_error_fraction of this run's records failed."""
+    rows = sum(r["rows"] for r in results)
+    errors = sum(r["error_rows"] for r in results)
+    if not errors or errors <= cfg.max_error_fraction * (rows + errors):
+        return
+    import pyarrow.parquet as pq
+
+    from operators.storage import get_fs
+
+    kinds: dict[str, int] = {}
+    examples: list[str] = []
+    for r in results:
+        if not r["error_file"]:
+            continue
+        fs, path = get_fs(join(cfg.output, r["error_file"]), cfg.storage_options)
+        with fs.open(path, "rb") as f:
+            t = pq.read_table(f)
+        for row in t.to_pylist():
+            k = f"{row['stage']}/{row['error_type']}"
+            kinds[k] = kinds.get(k, 0) + 1
+            if len(examples) < 3:
+                examples.append(f"{row['key']}: {row['message'][:200]}")
+    report.status = "failed"
+    report.finished = now()
+    report.error_rows = errors
+    _save_report(cfg, report)
+    summary = ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    raise PipelineError(
+        f"{errors} of {rows + errors} records failed ({errors / (rows + errors):.1%}), more than "
+        f"max_error_fraction={cfg.max_error_fraction}; nothing new was published. Errors: {summary}. "
+        f"Examples: {' | '.join(examples)}. Fix the input, or raise max_error_fraction to publish the good rows "
+        f"(the failed ones are then listed under {join(cfg.output, '_errors')})."
+    )
 
 
 def _operator_names(ds: Any) -> list[str]:

@@ -173,8 +173,18 @@ def test_bad_records_are_recorded_not_dropped(tmp_path: Path, tiny_resnet_weight
     good = (folder / "chelsea" / "000.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
     out = tmp_path / "out"
-    report = run_embed(build_config(None, {"input": str(folder), "format": "images", "output": str(out),
-                                           "model": "resnet18", "weights": tiny_resnet_weights}), progress=lambda m: None)
+    base = {"input": str(folder), "format": "images", "output": str(out), "model": "resnet18",
+            "weights": tiny_resnet_weights}
+    # 2 bad records are over the default budget (1%): the run fails with a summary and publishes nothing
+    from operators.errors import PipelineError
+
+    with pytest.raises(PipelineError) as e:
+        run_embed(build_config(None, base), progress=lambda m: None)
+    msg = str(e.value)
+    assert f"2 of {n_good + 2} records failed" in msg and "decode/UnidentifiedImageError x1" in msg and "max_error_fraction" in msg
+    assert load_manifest(str(out)) is None
+    assert json.loads((out / "_report.json").read_text())["status"] == "failed"
+    report = run_embed(build_config(None, {**base, "max_error_fraction": 0.5}), progress=lambda m: None)
     assert report["rows_out"] == n_good and report["error_rows"] == 2 and report["rows_in"] == n_good + 2
     m = load_manifest(str(out))
     errs = pa.concat_tables([pq.read_table(out / f["path"]) for f in m["error_files"]])
