@@ -29,7 +29,7 @@ share the CPUs with them. Figures, settings and machine facts go to
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/embed_throughput.py --quick   # smoke run, ~1-2 min
+    .venv/bin/python benchmarks/embed_throughput.py --quick   # smoke run: 300 sentences, 36 images
     make bench                                                  # full run
 """
 from __future__ import annotations
@@ -332,8 +332,8 @@ def bare_forward_images(bb: Backbone, table: pa.Table, batch_size: int) -> list[
     pixels = np.ascontiguousarray(image_array(ok[C.INPUT], pre.crop))
     batches = [pixels[s:s + batch_size] for s in range(0, len(pixels), batch_size)]
     seconds, cpu = _time_batches(bb.embed_images, batches)
-    return [Case("bare_forward", len(pixels), seconds, cpu_seconds=cpu, notes={"batches": len(batches),
-                                                        "excludes": "read, decode, resize (done beforehand); one warm-up batch"})]
+    notes = {"batches": len(batches), "excludes": "read, decode, resize (done beforehand); one warm-up batch"}
+    return [Case("bare_forward", len(pixels), seconds, cpu_seconds=cpu, notes=notes)]
 
 
 def bare_forward_text(bb: Backbone, table: pa.Table, batch_size: int) -> list[Case]:
@@ -410,7 +410,7 @@ def featx_case(modality: Modality, folder: Path, out_dir: Path, s: Settings) -> 
     steady: float | None = None
     if first is not None and pieces > 1 and seconds > first:
         steady = round(rows * (pieces - 1) / pieces / (seconds - first), 2)
-    case = Case("featx", rows, seconds, {
+    case = Case("featx", rows, seconds, notes={
         "report_rows_per_second": report["rows_per_second"],
         "seconds_to_first_result": first,
         "steady_rows_per_second": steady,

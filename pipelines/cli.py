@@ -59,6 +59,36 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 @app.command()
+def status(
+    output: str = typer.Argument(..., help="Output URI of a featx table"),
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON"),
+) -> None:
+    """What is published (snapshot, shards, rows, errors, model) and the history of runs."""
+    from pipelines.status import RUN_FIELDS, output_status
+
+    try:
+        st = output_status(output)
+    except FeatxError as e:
+        _fail(e)
+    if json_out:
+        print(json.dumps(st, indent=1))
+        return
+    pub = st["published"]
+    out = Console()
+    if pub is None:
+        out.print(f"{output}: nothing published yet")
+    else:
+        t = Table(title=f"{output}: snapshot {pub['snapshot']}", show_header=False)
+        for k, v in pub.items():
+            t.add_row(k, str(v))
+        out.print(t)
+    runs = Table(*RUN_FIELDS, title="runs")
+    for r in st["runs"]:
+        runs.add_row(*[str(r[k]) for k in RUN_FIELDS])
+    out.print(runs)
+
+
+@app.command()
 def demo(folder: str = typer.Option("featx-demo", "--dir", help="Where to write the sample data and outputs")) -> None:
     """Write a small real sample dataset, embed it with the offline default models, query it."""
     from pipelines.demo import run_demo

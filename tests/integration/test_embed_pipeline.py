@@ -163,6 +163,12 @@ def test_keys_and_vectors_are_stable_across_runs_and_rerun_skips(tmp_path: Path,
     assert again["pieces_processed"] == 0 and again["shards_skipped"] == 2 and again["published_rows"] == n
     m = load_manifest(str(tmp_path / "a"))
     assert m["snapshot"] == 2 and m["rows"] == n
+    from pipelines.status import output_status
+
+    st = output_status(str(tmp_path / "a"))
+    assert st["published"]["snapshot"] == 2 and st["published"]["rows"] == n and st["published"]["shards"] == 2
+    assert [r["status"] for r in st["runs"]] == ["succeeded", "succeeded"]
+    assert [r["shards_processed"] for r in st["runs"]] == [2, 0]
     assert (tmp_path / "a" / "_manifests" / "00000001.json").exists()
 
 

@@ -37,3 +37,8 @@ def test_bad_set_value_exits_2_naming_the_key(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "batch_size" in res.output
     res = runner.invoke(app, ["embed", "--config", "text-minilm.yaml", "--set", "num_gpu=1"])
     assert res.exit_code == 2 and "num_gpu: unknown key" in res.output
+
+
+def test_status_of_nothing_exits_2(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["status", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "nothing at" in res.output
