@@ -526,7 +526,7 @@ LABELS: dict[str, str] = {
 
 def print_table(results: dict[str, ModalityResult]) -> None:
     mods = list(results)
-    w, cw = 32, 30
+    w, cw = 36, 30
     print()
     print(f"{'rows/s':<{w}}" + "".join(f"{m + ' (' + results[m].model + ')':>{cw}}" for m in mods))
     for key, label in LABELS.items():

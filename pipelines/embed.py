@@ -213,7 +213,10 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print) -> dict
         )
         sink = SinkOptions(output=cfg.output, model_fingerprint=fp, metadata=metadata,
                            embedding_dtype=cfg.embedding_dtype, storage_options=dict(cfg.storage_options))
-        ds = ds.map_batches(write_piece, fn_args=(sink,), batch_size=None, batch_format="pyarrow", num_cpus=0.25)
+        # writes are small I/O-bound tasks: they take no CPU slot (so reads and actors keep theirs),
+        # and a fixed-size task pool bounds how many run at once
+        ds = ds.map_batches(write_piece, fn_args=(sink,), batch_size=None, batch_format="pyarrow", num_cpus=0,
+                            compute=ray.data.TaskPoolStrategy(size=max(2, report.resources["max_actors"])))
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if report.seconds_to_first_result is None:
