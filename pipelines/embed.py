@@ -133,6 +133,10 @@ def check_resources(cfg: EmbedConfig) -> dict[str, Any]:
 
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    plan = {"cluster_cpus": cpus, "cluster_gpus": gpus, "min_actors": cfg.min_actors, "max_actors": cfg.max_actors,
+            "num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "batch_size": cfg.batch_size, "precision": cfg.precision}
+    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+        return plan  # an autoscaling cluster may grow to fit: Ray Data waits for nodes instead
     need_cpu = cfg.min_actors * cfg.num_cpus + cfg.preprocess_num_cpus
     if need_cpu > cpus + 1e-9:
         raise ConfigError(
@@ -140,19 +144,17 @@ def check_resources(cfg: EmbedConfig) -> dict[str, Any]:
             f"preprocess_num_cpus = {cfg.preprocess_num_cpus} for reading, but the cluster has {cpus:g} CPUs; "
             "it would wait forever. Lower num_cpus (fractions like 0.5 work), min_actors or preprocess_num_cpus."
         )
-    if cfg.num_gpus > 0 and cfg.min_actors * cfg.num_gpus > gpus + 1e-9 and not cfg.ray_address:
+    if cfg.num_gpus > 0 and cfg.min_actors * cfg.num_gpus > gpus + 1e-9:
         raise ConfigError(
             f"num_gpus = {cfg.num_gpus} per actor x min_actors = {cfg.min_actors} needs "
             f"{cfg.min_actors * cfg.num_gpus:g} GPUs but this Ray has {gpus:g}; set num_gpus=0 to run on CPU"
         )
-    # max_actors beyond what fits is allowed: Ray Data scales the pool only as far as resources allow,
-    # but cap it here so reads always keep a CPU on a fixed-size cluster.
+    # on a fixed-size (local) Ray, cap the pool so that reads always keep a CPU
     fit = max(cfg.min_actors, math.floor((cpus - cfg.preprocess_num_cpus) / cfg.num_cpus + 1e-9))
-    max_actors = min(cfg.max_actors, fit) if not cfg.ray_address else cfg.max_actors
-    if cfg.num_gpus > 0 and not cfg.ray_address:
+    max_actors = min(cfg.max_actors, fit)
+    if cfg.num_gpus > 0:
         max_actors = min(max_actors, max(cfg.min_actors, math.floor(gpus / cfg.num_gpus + 1e-9)))
-    return {"cluster_cpus": cpus, "cluster_gpus": gpus, "min_actors": cfg.min_actors, "max_actors": max_actors,
-            "num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "batch_size": cfg.batch_size, "precision": cfg.precision}
+    return {**plan, "max_actors": max_actors}
 
 
 def _piece_record(piece: Piece, results: list[dict[str, Any]]) -> dict[str, Any]:
