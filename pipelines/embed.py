@@ -209,7 +209,11 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print) -> dict
             fn_constructor_kwargs={"spec": spec, "batch_size": cfg.batch_size, "precision": cfg.precision,
                                    "num_gpus": cfg.num_gpus,
                                    "torch_threads": cfg.torch_threads or max(1, math.ceil(cfg.num_cpus))},
-            batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
+            # CPU: one call per block (a whole piece: length buckets span the piece). Ray Data insists on a
+            # batch_size for GPU stages: there a call gets a window of 16 forward batches; whole blocks are
+            # bundled, and a piece whose rows land in two output blocks is written as two part files.
+            batch_size=None if not cfg.num_gpus else cfg.batch_size * 16,
+            batch_format="pyarrow", zero_copy_batch=True,
             compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=report.resources["max_actors"]),
             num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None,
         )
