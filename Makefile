@@ -11,11 +11,13 @@ STAMP  := $(VENV)/.featx-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the whole tested stack (pip freeze of a green run): no resolver backtracking
+# (botocore/aiobotocore/moto can otherwise take many minutes to resolve) and the same versions as CI.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PAIR)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	$(BIN)/python -c "import torch, torchvision, ray, transformers, timm, pyarrow, duckdb, moto"
 	touch $(STAMP)
 
