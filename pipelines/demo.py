@@ -32,8 +32,8 @@ def run_demo(folder: str | Path = "featx-demo", say: Callable[[str], None] = pri
     say("[4/4] a DuckDB query over the output: the 5 nearest neighbours of one sentence")
     con = duckdb_connection(str(txt_out))
     key, label = con.execute("SELECT key, label FROM embeddings ORDER BY key LIMIT 1").fetchone()
-    sql = (f"SELECT key, label, array_cosine_similarity(embedding, (SELECT embedding FROM embeddings WHERE key = ?)) AS score "
-           f"FROM embeddings ORDER BY score DESC LIMIT 5")
+    sql = ("SELECT key, label, array_cosine_similarity(embedding, (SELECT embedding FROM embeddings WHERE key = ?)) AS score "
+           "FROM embeddings ORDER BY score DESC LIMIT 5")
     rows = con.execute(sql, [key]).fetchall()
     say(f"      query row {key!r} (topic {label!r}):")
     for k, lab, score in rows:
