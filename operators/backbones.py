@@ -89,9 +89,9 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, strict_keys: bool = True) -> None:
+def _load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     try:
-        module.load_state_dict(sd, strict=strict_keys)
+        module.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         msg = str(e).splitlines()[0]
         raise ModelLoadError(f"weights {source!r} do not fit the architecture: {msg}") from e

@@ -1,6 +1,8 @@
 """Column names shared by the operators. Internal columns start with '_' and never reach the output."""
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 
 KEY = "key"
@@ -38,3 +40,16 @@ def ok_mask(table: pa.Table) -> pa.ChunkedArray:
     import pyarrow.compute as pc
 
     return pc.is_null(table[ERR_STAGE])
+
+
+def read_errors(table: pa.Table) -> tuple[list[Any], list[Any], list[Any]]:
+    """The error columns as Python lists (stage, type, message), for a step to fill in."""
+    return table[ERR_STAGE].to_pylist(), table[ERR_TYPE].to_pylist(), table[ERR_MSG].to_pylist()
+
+
+def write_errors(table: pa.Table, stages: list[Any], types: list[Any], msgs: list[Any]) -> pa.Table:
+    """Put the (updated) error columns back in place."""
+    idx = {n: i for i, n in enumerate(table.column_names)}
+    for name, values in ((ERR_STAGE, stages), (ERR_TYPE, types), (ERR_MSG, msgs)):
+        table = table.set_column(idx[name], name, pa.array(values, pa.string()))
+    return table

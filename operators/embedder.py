@@ -58,9 +58,7 @@ def embed_table(bb: Backbone, table: pa.Table, batch_size: int, precision: str =
     n = table.num_rows
     ok = np.asarray(C.ok_mask(table).to_numpy(zero_copy_only=False), dtype=bool)
     out = np.zeros((n, bb.dim), dtype=np.float32)
-    stages = table[C.ERR_STAGE].to_pylist()
-    types = table[C.ERR_TYPE].to_pylist()
-    msgs = table[C.ERR_MSG].to_pylist()
+    stages, types, msgs = C.read_errors(table)
     rows = np.flatnonzero(ok)
     if len(rows):
         pre = bb.spec.preprocessing
@@ -90,10 +88,7 @@ def embed_table(bb: Backbone, table: pa.Table, batch_size: int, precision: str =
                     msgs[i] = f"forward pass failed for the batch holding {table[C.KEY][int(i)].as_py()!r}: {e}"[:2000]
     emb = vectors_to_arrow(out, ok, bb.dim)
     table = table.drop_columns([C.INPUT]).append_column(C.EMBEDDING, emb)
-    idx = {name: i for i, name in enumerate(table.column_names)}
-    table = table.set_column(idx[C.ERR_STAGE], C.ERR_STAGE, pa.array(stages, pa.string()))
-    table = table.set_column(idx[C.ERR_TYPE], C.ERR_TYPE, pa.array(types, pa.string()))
-    table = table.set_column(idx[C.ERR_MSG], C.ERR_MSG, pa.array(msgs, pa.string()))
+    table = C.write_errors(table, stages, types, msgs)
     return table.append_column(C.T_EMBED, pa.array(np.full(n, time.perf_counter() - t0)))
 
 

@@ -59,22 +59,13 @@ def decode_image(data: bytes, pre: ImagePreprocess, max_pixels: int = DEFAULT_MA
     return arr
 
 
-def _with_errors(table: pa.Table, stages: list[Any], types: list[Any], msgs: list[Any]) -> pa.Table:
-    idx = {n: i for i, n in enumerate(table.column_names)}
-    table = table.set_column(idx[C.ERR_STAGE], C.ERR_STAGE, pa.array(stages, pa.string()))
-    table = table.set_column(idx[C.ERR_TYPE], C.ERR_TYPE, pa.array(types, pa.string()))
-    return table.set_column(idx[C.ERR_MSG], C.ERR_MSG, pa.array(msgs, pa.string()))
-
-
 def preprocess_images(table: pa.Table, pre: ImagePreprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
     """Replace the raw payload by the model-ready crop; failures become error rows."""
     n = table.num_rows
     size = pre.crop * pre.crop * 3
     out = np.zeros((n, size), dtype=np.uint8)
     valid = np.zeros(n, dtype=bool)
-    stages = table[C.ERR_STAGE].to_pylist()
-    types = table[C.ERR_TYPE].to_pylist()
-    msgs = table[C.ERR_MSG].to_pylist()
+    stages, types, msgs = C.read_errors(table)
     payloads = table[C.PAYLOAD].to_pylist()
     keys = table[C.KEY].to_pylist()
     for i, data in enumerate(payloads):
@@ -92,7 +83,7 @@ def preprocess_images(table: pa.Table, pre: ImagePreprocess, max_pixels: int = D
     buf = pa.py_buffer(out)  # zero-copy: the Arrow column shares the numpy buffer
     arr = pa.FixedSizeBinaryArray.from_buffers(pa.binary(size), n, [_validity(valid), buf])
     table = table.drop_columns([C.PAYLOAD]).append_column(C.INPUT, arr)
-    return _with_errors(table, stages, types, msgs)
+    return C.write_errors(table, stages, types, msgs)
 
 
 def _validity(valid: np.ndarray) -> pa.Buffer:
@@ -110,9 +101,7 @@ def tokenizer_for(pre: TextPreprocess) -> Any:
 
 def preprocess_text(table: pa.Table, pre: TextPreprocess) -> pa.Table:
     """Tokenize with truncation; empty or null text becomes an error row."""
-    stages = table[C.ERR_STAGE].to_pylist()
-    types = table[C.ERR_TYPE].to_pylist()
-    msgs = table[C.ERR_MSG].to_pylist()
+    stages, types, msgs = C.read_errors(table)
     texts = table[C.PAYLOAD].to_pylist()
     keys = table[C.KEY].to_pylist()
     todo: list[int] = []
@@ -131,7 +120,7 @@ def preprocess_text(table: pa.Table, pre: TextPreprocess) -> pa.Table:
         for i, e in zip(todo, enc):
             ids[i] = e
     table = table.drop_columns([C.PAYLOAD]).append_column(C.INPUT, pa.array(ids, pa.list_(pa.int32())))
-    return _with_errors(table, stages, types, msgs)
+    return C.write_errors(table, stages, types, msgs)
 
 
 def count_errors(table: pa.Table) -> int:
