@@ -26,20 +26,23 @@ class Backbone:
     dim: int
     device: torch.device
 
+    def __post_init__(self) -> None:
+        pre = self.spec.preprocessing
+        if isinstance(pre, ImagePreprocess):  # made once, on the device, not per batch
+            self._mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1)
+            self._std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1)
+
     @torch.inference_mode()
     def embed_images(self, pixels: np.ndarray, precision: str = "fp32") -> np.ndarray:
         """uint8 [B, H, W, 3] crops -> float32 [B, dim]. Normalisation runs here, on the device."""
-        pre = self.spec.preprocessing
-        assert isinstance(pre, ImagePreprocess)
+        assert isinstance(self.spec.preprocessing, ImagePreprocess)
         with warnings.catch_warnings():  # read-only Arrow buffers: never written in place below
             warnings.simplefilter("ignore", UserWarning)
             x = torch.from_numpy(pixels)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1)
-        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
         with _autocast(self.device, precision):
             out = self.features(x)
         return self._finish(out)
