@@ -12,6 +12,7 @@ EMBEDDING = "embedding"
 PAYLOAD = "_payload"  # raw record: image bytes (binary) or text (string)
 INPUT = "_input"  # preprocessed: uint8 HxWx3 crop (fixed_size_binary) or token ids (list<int32>)
 PIECE = "_piece"  # id of the piece (group of shards -> one output file) the row belongs to
+PIECE_ROWS = "_piece_rows"  # how many records the piece's shards held when read (to know when all parts are in)
 ERR_STAGE = "_err_stage"  # read | decode | preprocess | embed; null when the row is fine
 ERR_TYPE = "_err_type"
 ERR_MSG = "_err_msg"

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from operators import columns as C
+from operators.faults import crash_on_keys
 from operators.registry import ImagePreprocess, TextPreprocess
 
 DEFAULT_MAX_PIXELS = 64_000_000  # beyond this an image is treated as a decompression bomb
@@ -68,6 +69,7 @@ def preprocess_images(table: pa.Table, pre: ImagePreprocess, max_pixels: int = D
     stages, types, msgs = C.read_errors(table)
     payloads = table[C.PAYLOAD].to_pylist()
     keys = table[C.KEY].to_pylist()
+    crash_on_keys(keys)
     for i, data in enumerate(payloads):
         if stages[i] is not None:
             continue
@@ -104,6 +106,7 @@ def preprocess_text(table: pa.Table, pre: TextPreprocess) -> pa.Table:
     stages, types, msgs = C.read_errors(table)
     texts = table[C.PAYLOAD].to_pylist()
     keys = table[C.KEY].to_pylist()
+    crash_on_keys(keys)
     todo: list[int] = []
     for i, t in enumerate(texts):
         if stages[i] is not None:

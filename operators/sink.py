@@ -1,9 +1,11 @@
 """Parquet sink: one embedded piece -> one data file (+ one error file when rows failed).
 
-File names are deterministic: the piece id (from its shards' URIs and
-fingerprints) and the model fingerprint, so a rerun of the same input with the
-same model writes the same names, and nothing is published until the
-manifest lists it. The embedding column is plain
+File names are deterministic: the piece id (from its shards' paths, sizes and
+fingerprints), the content fingerprint (model, preprocessing, dtype, read
+options) and the rows' key range, so a rerun of the same input with the same
+settings writes the same names. A run writes under its own staging prefix
+(``OUTPUT/_staging/<run_id>/``); the commit moves the files to their final
+names and only then lists them in the manifest. The embedding column is plain
 ``fixed_size_list<float32>[dim]`` (float16 on request); Ray's tensor extension
 type never reaches the file.
 """
@@ -30,6 +32,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("error_file", pa.string()),
         pa.field("error_rows", pa.int64()),
         pa.field("bytes", pa.int64()),
+        pa.field("piece_rows", pa.int64()),  # records the piece's embedded shards hold (all parts together)
         pa.field("dim", pa.int64()),
         pa.field("t_read", pa.float64()),
         pa.field("t_preprocess", pa.float64()),
@@ -43,14 +46,18 @@ RESULT_SCHEMA = pa.schema(
 @dataclass(frozen=True)
 class SinkOptions:
     output: str
-    model_fingerprint: str
+    content_fingerprint: str
     metadata: dict[str, Any]
     embedding_dtype: str = "float32"
     storage_options: dict[str, Any] = field(default_factory=dict)
+    staging: str = ""  # prefix under output where this run writes ("_staging/<run_id>"); "" writes final names
+
+    def staged(self, rel: str) -> str:
+        return join(self.output, self.staging, rel) if self.staging else join(self.output, rel)
 
 
-def data_file_name(piece: str, model_fp: str, part: str) -> str:
-    return f"part-{piece}-{model_fp[:12]}-{part}.parquet"
+def data_file_name(piece: str, content_fp: str, part: str) -> str:
+    return f"part-{piece}-{content_fp[:12]}-{part}.parquet"
 
 
 def output_table(table: pa.Table, embedding_dtype: str) -> pa.Table:
@@ -99,7 +106,7 @@ def _write_one(part: pa.Table, piece: str, opts: SinkOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
     keys = part[C.KEY]
     tag = short_hash(str(part.num_rows), str(keys[0]), str(keys[-1]), n=8)
-    name = data_file_name(piece, opts.model_fingerprint, tag)
+    name = data_file_name(piece, opts.content_fingerprint, tag)
     out = output_table(part, opts.embedding_dtype)
     errs = error_table(part)
     dim = int(part.schema.field(C.EMBEDDING).type.list_size)
@@ -109,10 +116,10 @@ def _write_one(part: pa.Table, piece: str, opts: SinkOptions) -> dict[str, Any]:
         payload = _parquet_bytes(out, meta)
         nbytes = len(payload)
         data_file = f"data/{name}"
-        write_bytes(join(opts.output, data_file), payload, opts.storage_options)
+        write_bytes(opts.staged(data_file), payload, opts.storage_options)
     if errs.num_rows:
         error_file = f"_errors/{name}"
-        write_bytes(join(opts.output, error_file), _parquet_bytes(errs, None), opts.storage_options)
+        write_bytes(opts.staged(error_file), _parquet_bytes(errs, None), opts.storage_options)
 
     def first(col: str) -> float:
         return float(part[col][0].as_py()) if col in part.column_names and part.num_rows else 0.0
@@ -120,9 +127,73 @@ def _write_one(part: pa.Table, piece: str, opts: SinkOptions) -> dict[str, Any]:
     return {
         "piece": piece, "data_file": data_file, "rows": out.num_rows, "error_file": error_file,
         "error_rows": errs.num_rows, "bytes": nbytes, "dim": dim,
+        "piece_rows": int(part[C.PIECE_ROWS][0].as_py()) if C.PIECE_ROWS in part.column_names else part.num_rows,
         "t_read": first(C.T_READ), "t_preprocess": first(C.T_PRE), "t_embed": first(C.T_EMBED),
         "t_write": time.perf_counter() - t0, "node_id": _node_id(),
     }
+
+
+def _read_parquet(uri: str, storage_options: dict[str, Any]) -> pa.Table:
+    from operators.storage import get_fs, retry
+
+    fs, path = get_fs(uri, storage_options)
+
+    def run() -> pa.Table:
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f)
+
+    return retry(run, f"reading {uri!r}")
+
+
+def carry_piece(piece: str, sources: list[dict[str, Any]], opts: SinkOptions) -> dict[str, Any]:
+    """Copy the published rows (and error rows) of a piece's unchanged shards into one part of the new piece.
+
+    ``sources``: per old piece, its data files, error files and the URIs of the shards to keep. No model
+    runs: the vectors are the ones already published for exactly these shard contents.
+    """
+    t0 = time.perf_counter()
+    data, errs = [], []
+    for src in sources:
+        uris = pa.array(src["uris"], pa.string())
+        for f in src["files"]:
+            t = _read_parquet(join(opts.output, f), opts.storage_options)
+            data.append(t.filter(pc.is_in(t[C.SOURCE], value_set=uris)))
+        for f in src["error_files"]:
+            t = _read_parquet(join(opts.output, f), opts.storage_options)
+            errs.append(t.filter(pc.is_in(t[C.SOURCE], value_set=uris)))
+    out = pa.concat_tables(data, promote_options="permissive") if data else None
+    bad = pa.concat_tables(errs, promote_options="permissive") if errs else None
+    keys = (out[C.KEY].to_pylist() if out is not None else []) + (bad[C.KEY].to_pylist() if bad is not None else [])
+    tag = "c" + short_hash(str(len(keys)), *(sorted(keys)[:1] + sorted(keys)[-1:]), n=8)
+    name = data_file_name(piece, opts.content_fingerprint, tag)
+    data_file, error_file, nbytes, dim = None, None, 0, 0
+    if out is not None and out.num_rows:
+        dim = int(out.schema.field(C.EMBEDDING).type.list_size)
+        meta = json.loads(out.schema.metadata[b"featx"]) if out.schema.metadata and b"featx" in out.schema.metadata \
+            else {**opts.metadata, "dim": dim}
+        payload = _parquet_bytes(out.replace_schema_metadata(None), meta)
+        nbytes = len(payload)
+        data_file = f"data/{name}"
+        write_bytes(opts.staged(data_file), payload, opts.storage_options)
+    if bad is not None and bad.num_rows:
+        error_file = f"_errors/{name}"
+        write_bytes(opts.staged(error_file), _parquet_bytes(bad.cast(C.ERROR_SCHEMA), None), opts.storage_options)
+    rows = out.num_rows if out is not None else 0
+    err_rows = bad.num_rows if bad is not None else 0
+    return {"piece": piece, "data_file": data_file, "rows": rows, "error_file": error_file, "error_rows": err_rows,
+            "bytes": nbytes, "piece_rows": rows + err_rows, "dim": dim, "t_read": 0.0, "t_preprocess": 0.0,
+            "t_embed": 0.0, "t_write": time.perf_counter() - t0, "node_id": _node_id()}
+
+
+def write_error_rows(piece: str, rows: list[dict[str, Any]], opts: SinkOptions) -> dict[str, Any]:
+    """Write error rows found outside a block (records quarantined after crashing their worker)."""
+    t = pa.Table.from_pylist(rows, schema=C.ERROR_SCHEMA)
+    tag = "q" + short_hash(str(t.num_rows), *[r[C.KEY] for r in rows], n=8)
+    error_file = f"_errors/{data_file_name(piece, opts.content_fingerprint, tag)}"
+    write_bytes(opts.staged(error_file), _parquet_bytes(t, None), opts.storage_options)
+    return {"piece": piece, "data_file": None, "rows": 0, "error_file": error_file, "error_rows": t.num_rows,
+            "bytes": 0, "piece_rows": t.num_rows, "dim": 0, "t_read": 0.0, "t_preprocess": 0.0, "t_embed": 0.0,
+            "t_write": 0.0, "node_id": _node_id()}
 
 
 def _node_id() -> str:

@@ -103,12 +103,16 @@ def _has_glob(path: str) -> bool:
 
 
 def list_shards(
-    uri: str, extensions: tuple[str, ...], storage_options: dict[str, Any] | None = None
+    uri: str, extensions: tuple[str, ...], storage_options: dict[str, Any] | None = None,
+    fingerprint: str = "auto",
 ) -> list[Shard]:
     """List input files once, with size and fingerprint, sorted by URI.
 
     ``uri`` is a folder/prefix (searched recursively), a glob, or one file.
     Only names ending in one of ``extensions`` are kept (case-insensitive).
+    ``fingerprint``: ``auto`` takes the ETag (or generation, or mtime) from the one listing, and hashes the
+    content only where the store gives neither; ``content`` always hashes the bytes (for copies whose mtime
+    changes while the content does not).
     """
     fs, path = get_fs(uri, storage_options)
     exts = tuple(e.lower() for e in extensions)
@@ -134,7 +138,10 @@ def list_shards(
         rel = posixpath.relpath(p, root) if root else p
         if any(part.startswith((".", "_")) for part in rel.split("/")):  # hidden, and featx's own _files
             continue
-        shards.append(Shard(uri=full_uri(fs, p), rel=rel, size=int(info.get("size") or 0), fingerprint=_fingerprint(info)))
+        fp = _fingerprint(info)
+        if fingerprint == "content" or fp.startswith("size:"):
+            fp = content_hash(full_uri(fs, p), storage_options)
+        shards.append(Shard(uri=full_uri(fs, p), rel=rel, size=int(info.get("size") or 0), fingerprint=fp))
     if not shards:
         raise InputError(
             f"no input files matching {', '.join(extensions)} under {uri!r}; "
@@ -146,7 +153,7 @@ def list_shards(
 def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write a whole object atomically: object stores PUT whole objects; local files go through rename."""
     fs, path = get_fs(uri, storage_options)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if _is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
         with open(tmp, "wb") as f:
@@ -163,3 +170,114 @@ def short_hash(*parts: str, n: int = 16) -> str:
         h.update(b"\0")
     return h.hexdigest()[:n]
 
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def create_exclusive(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> bool:
+    """Write ``uri`` only if it does not exist yet; False when it already does.
+
+    Atomic on local disks (O_EXCL) and on S3 (conditional PUT, ``If-None-Match: *``). Stores without
+    conditional writes fall back to check-then-write; callers re-read to confirm they won.
+    """
+    fs, path = get_fs(uri, storage_options)
+    if _is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    try:
+        retry(lambda: fs.pipe_file(path, data, mode="create"), f"writing {uri!r}")
+    except FileExistsError:
+        return False
+    except TypeError:  # an fsspec driver without the mode argument
+        if retry(lambda: fs.exists(path), f"checking {uri!r}"):
+            return False
+        retry(lambda: fs.pipe_file(path, data), f"writing {uri!r}")
+    return True
+
+
+def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes | None:
+    """The whole object, or None when it does not exist."""
+    fs, path = get_fs(uri, storage_options)
+    try:
+        return retry(lambda: fs.cat_file(path), f"reading {uri!r}")
+    except FileNotFoundError:
+        return None
+
+
+def list_files(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Paths relative to ``uri`` of every file under it (recursively); empty when it does not exist."""
+    fs, path = get_fs(uri, storage_options)
+    path = path.rstrip("/")
+    try:
+        found = retry(lambda: fs.find(path), f"listing {uri!r}")
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.relpath(p, path) for p in found)
+
+
+def move(src: str, dst: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Move one object (rename on local disks; server-side copy + delete on object stores).
+
+    Idempotent: when ``src`` is gone and ``dst`` exists (a move already done by a crashed run), nothing to do.
+    """
+    fs, spath = get_fs(src, storage_options)
+    _, dpath = get_fs(dst, storage_options)
+    if _is_local(fs):
+        try:
+            os.makedirs(os.path.dirname(dpath), exist_ok=True)
+            os.replace(spath, dpath)
+        except FileNotFoundError:
+            if not os.path.exists(dpath):
+                raise
+        return
+    try:
+        retry(lambda: fs.copy(spath, dpath), f"copying {src!r} to {dst!r}")
+    except FileNotFoundError:
+        if not retry(lambda: fs.exists(dpath), f"checking {dst!r}"):
+            raise
+        return
+    delete([src], storage_options)
+
+
+def delete(uris: list[str], storage_options: dict[str, Any] | None = None) -> int:
+    """Delete objects (missing ones are fine); returns how many were asked for."""
+    if not uris:
+        return 0
+    fs, _ = get_fs(uris[0], storage_options)
+    paths = [get_fs(u, storage_options)[1] for u in uris]
+    if _is_local(fs):
+        for p in paths:
+            try:
+                os.remove(p)
+            except FileNotFoundError:
+                pass
+        return len(paths)
+    for i in range(0, len(paths), 1000):
+        chunk = paths[i:i + 1000]
+        try:
+            retry(lambda c=chunk: fs.rm(c), f"deleting {len(chunk)} objects under {uris[0]!r}")
+        except FileNotFoundError:
+            pass
+    return len(paths)
+
+
+def content_hash(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """blake2b of an object's bytes, streamed: the fingerprint for stores without ETag or mtime."""
+    fs, path = get_fs(uri, storage_options)
+
+    def run() -> str:
+        h = hashlib.blake2b(digest_size=16)
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+        return h.hexdigest()
+
+    return "blake2b:" + retry(run, f"hashing {uri!r}")

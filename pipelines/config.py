@@ -43,6 +43,15 @@ class EmbedConfig(BaseModel):
     max_error_fraction: float = Field(0.01, ge=0, le=1, description="Fail (publish nothing) when more records than this fraction fail")
     piece_max_shards: int = Field(256, ge=1, description="Most input shards grouped into one output file")
     piece_target_mb: float = Field(64.0, gt=0, description="Input megabytes after which a group of small shards is closed")
+    shard_fingerprint: Literal["auto", "content"] = Field(
+        "auto", description="How a changed shard is detected: auto = ETag/generation/mtime from the listing "
+        "(content hash where the store has none); content = always hash the bytes")
+    keep_snapshots: int = Field(5, ge=1, description="Files of the newest N snapshots are kept (time travel); older unreferenced files are deleted")
+
+    # -- fault tolerance
+    lease_ttl_s: float = Field(600.0, gt=0, description="A run's lease on the output lasts this long unless renewed (it renews every ttl/4)")
+    max_task_retries: int = Field(3, ge=0, description="Retries of a read/embed/write task whose worker died, before its piece is isolated")
+    max_record_attempts: int = Field(2, ge=1, description="Tries of one record alone before it is quarantined to _errors as WorkerCrashed")
 
     # -- the model
     model: str = "minilm-l6"

@@ -1,8 +1,11 @@
-"""`featx embed`: shards in storage -> CPU read/preprocess tasks -> GPU/CPU actor pool -> Parquet.
+"""`featx embed` / `featx refresh`: shards in storage -> CPU read/preprocess tasks -> GPU/CPU actors -> Parquet.
 
-The driver lists the input once, plans pieces, runs one streaming Ray Data
-job, and receives only per-piece counts; then it writes the manifest (last),
-the run report and the resolved config beside it.
+The driver takes the output's lease, lists the input once, compares it with the published manifest
+(only new and changed shards are embedded; unchanged shards' rows are kept or carried over; removed
+shards leave the table; a different model/preprocessing re-embeds everything), adopts pieces that a
+crashed run finished, runs one streaming Ray Data job for the rest, journals each finished piece,
+isolates records that crash their workers, and commits by writing the manifest last
+(:mod:`pipelines.publish`). It receives counts, never rows.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -18,16 +22,20 @@ import pyarrow as pa
 
 from operators import columns as C
 from operators.embedder import EmbedActor
-from operators.errors import ConfigError, PipelineError
+from operators.errors import ConfigError, InputError, PipelineError
 from operators.preprocess import preprocess_images, preprocess_text
 from operators.readers import FORMAT_EXTENSIONS, ReadOptions, read_shard
 from operators.registry import ImagePreprocess, ModelOptions, ModelSpec, TextPreprocess, resolve
-from operators.sink import SinkOptions, write_piece
-from operators.storage import Shard, join, list_shards, write_bytes
+from operators.sink import SinkOptions, carry_piece, write_piece
+from operators.storage import Shard, join, list_shards, short_hash, write_bytes
 from pipelines import __version__
 from pipelines.config import EmbedConfig, IMAGE_FORMATS
-from pipelines.manifest import build_manifest, commit, load_manifest, now
-from pipelines.plan import Piece, plan_pieces
+from pipelines.lease import Lease
+from pipelines.manifest import load_manifest, now
+from pipelines.plan import Piece, PieceWork, plan_pieces, plan_work
+from pipelines.publish import Staging, adoptable, clean_up, commit_run
+
+LIST_CAP = 10_000  # most shard paths listed per kind in a run report
 
 
 @dataclass
@@ -35,19 +43,31 @@ class RunReport:
     run_id: str
     output: str
     started: str
+    command: str = "embed"
     finished: str = ""
     status: str = "running"
+    error: str = ""
     snapshot: int | None = None
+    base_snapshot: int = 0
     model: str = ""
     model_fingerprint: str = ""
+    content_fingerprint: str = ""
+    reembed_reason: str = ""  # why every shard is embedded again, when it is
     shards_total: int = 0
-    shards_processed: int = 0
-    shards_skipped: int = 0
+    shards_processed: int = 0  # embedded by this run
+    shards_skipped: int = 0  # unchanged: kept or carried over without running the model
+    shards_adopted: int = 0  # finished by a crashed run, published by this one
     pieces_total: int = 0
     pieces_processed: int = 0
-    rows_in: int = 0
+    pieces_adopted: int = 0
+    changes: dict[str, Any] = field(default_factory=dict)  # added / changed / removed shard paths, unchanged count
+    shards_embedded: list[str] = field(default_factory=list)
+    rows_in: int = 0  # records read from the embedded shards
     rows_out: int = 0
     error_rows: int = 0
+    rows_carried: int = 0
+    quarantined: int = 0  # records that crashed their worker every time and went to _errors
+    isolation_calls: int = 0
     published_rows: int = 0
     published_error_rows: int = 0
     data_files_written: int = 0
@@ -56,9 +76,11 @@ class RunReport:
     rows_per_second: float = 0.0
     seconds_to_first_result: float | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed over tasks/actors
-    nodes: dict[str, int] = field(default_factory=dict)  # node id -> pieces written there
+    nodes: dict[str, int] = field(default_factory=dict)  # node id -> parts written there
     resources: dict[str, Any] = field(default_factory=dict)
     operators: list[str] = field(default_factory=list)  # Ray Data's physical operators, as executed
+    cleanup: dict[str, int] = field(default_factory=dict)
+    lease_taken_over: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -94,18 +116,31 @@ def _check_output_outside_input(cfg: EmbedConfig) -> None:
         )
 
 
+def content_fingerprint(cfg: EmbedConfig, spec: ModelSpec) -> str:
+    """Everything that decides a row's output: rows are reused only between runs that agree on it."""
+    column = cfg.text_column if cfg.is_text else cfg.image_column if cfg.format == "parquet-images" else ""
+    return short_hash(spec.fingerprint(), spec.preprocessing_fingerprint(), cfg.embedding_dtype, cfg.format, column,
+                      cfg.key_column or "", ",".join(cfg.passthrough), n=16)
+
+
+def prepare_rows(raw: pa.Table, piece: str, pre: ImagePreprocess | TextPreprocess, t_read: float) -> pa.Table:
+    """Preprocess read records and tag them with their piece (pure; runs in a Ray task or the isolator)."""
+    t1 = time.perf_counter()
+    n = raw.num_rows
+    table = preprocess_images(raw, pre) if isinstance(pre, ImagePreprocess) else preprocess_text(raw, pre)
+    table = table.append_column(C.PIECE, pa.array([piece] * n, pa.string()))
+    table = table.append_column(C.PIECE_ROWS, pa.array([n] * n, pa.int64()))
+    table = table.append_column(C.T_READ, pa.array([t_read] * n, pa.float64()))
+    return table.append_column(C.T_PRE, pa.array([time.perf_counter() - t1] * n, pa.float64()))
+
+
 def load_piece(piece_shards: list[dict[str, Any]], piece: str, ropts: ReadOptions,
                pre: ImagePreprocess | TextPreprocess) -> pa.Table:
-    """Read + preprocess every shard of one piece (pure; runs in a Ray task)."""
+    """Read + preprocess the shards of one piece that need embedding."""
     t0 = time.perf_counter()
     tables = [read_shard(s["uri"], s["rel"], ropts) for s in piece_shards]
-    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    t1 = time.perf_counter()
-    table = preprocess_images(table, pre) if isinstance(pre, ImagePreprocess) else preprocess_text(table, pre)
-    n = table.num_rows
-    table = table.append_column(C.PIECE, pa.array([piece] * n, pa.string()))
-    table = table.append_column(C.T_READ, pa.array([t1 - t0] * n, pa.float64()))
-    return table.append_column(C.T_PRE, pa.array([time.perf_counter() - t1] * n, pa.float64()))
+    raw = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    return prepare_rows(raw, piece, pre, time.perf_counter() - t0)
 
 
 def load_pieces(batch: pa.Table, ropts: ReadOptions, pre: ImagePreprocess | TextPreprocess) -> pa.Table:
@@ -157,126 +192,291 @@ def check_resources(cfg: EmbedConfig) -> dict[str, Any]:
     return {**plan, "max_actors": max_actors}
 
 
-def _piece_record(piece: Piece, results: list[dict[str, Any]]) -> dict[str, Any]:
-    files = [{"path": r["data_file"], "rows": r["rows"], "bytes": r["bytes"]} for r in results if r["data_file"]]
-    errs = [{"path": r["error_file"], "rows": r["error_rows"]} for r in results if r["error_file"]]
+def piece_record(piece: Piece, parts: list[dict[str, Any]], carried: set[int] = frozenset()) -> dict[str, Any]:
+    """The manifest entry of a finished piece: its shards and every part file (``carried``: part indexes)."""
+    files = [{"path": r["data_file"], "rows": r["rows"], "bytes": r["bytes"], **({"carried": True} if i in carried else {})}
+             for i, r in enumerate(parts) if r.get("data_file")]
+    errs = [{"path": r["error_file"], "rows": r["error_rows"], **({"carried": True} if i in carried else {})}
+            for i, r in enumerate(parts) if r.get("error_file")]
     return {"id": piece.id, "shards": [s.to_dict() for s in piece.shards], "files": files, "error_files": errs,
             "rows": sum(f["rows"] for f in files), "error_rows": sum(e["rows"] for e in errs)}
 
 
-def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run one embed job end to end; returns the run report (also saved beside the manifest)."""
-    import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy
+class _Tracker:
+    """Collect part results as they stream in; journal a piece once all its parts are written."""
 
+    def __init__(self, todo: list[PieceWork], staging: Staging) -> None:
+        self.work = {w.piece.id: w for w in todo}
+        self.staging = staging
+        self.embed_parts: dict[str, list[dict[str, Any]]] = {}
+        self.carry_parts: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def add_embedded(self, r: dict[str, Any]) -> None:
+        self.embed_parts.setdefault(r["piece"], []).append(r)
+        self._maybe_done(r["piece"])
+
+    def add_carried(self, r: dict[str, Any]) -> None:
+        self.carry_parts[r["piece"]] = r
+        self._maybe_done(r["piece"])
+
+    def embedded_complete(self, pid: str) -> bool:
+        parts = self.embed_parts.get(pid, [])
+        return bool(parts) and sum(p["rows"] + p["error_rows"] for p in parts) == parts[0]["piece_rows"]
+
+    def _maybe_done(self, pid: str) -> None:
+        w = self.work[pid]
+        if pid in self.records or (w.embed and not self.embedded_complete(pid)) or (w.carry and pid not in self.carry_parts):
+            return
+        self.finish(pid, self.embed_parts.get(pid, []))
+
+    def finish(self, pid: str, embedded: list[dict[str, Any]]) -> None:
+        carry = [self.carry_parts[pid]] if pid in self.carry_parts else []
+        rec = piece_record(self.work[pid].piece, carry + embedded, carried=set(range(len(carry))))
+        rec["staged_in"] = self.staging.prefix
+        self.staging.add(rec)
+        self.records[pid] = {**rec, "parts": carry + embedded}  # parts: for the report; dropped before commit
+
+
+def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print, command: str = "embed") -> dict[str, Any]:
+    """Run one embed (or refresh) job end to end; returns the run report (also saved beside the manifest)."""
     t_start = time.perf_counter()
     spec = model_spec(cfg)  # bad model names fail here, before any listing or Ray work
-    fp = spec.fingerprint()
+    cfp = content_fingerprint(cfg, spec)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    report = RunReport(run_id=run_id, output=cfg.output, started=now(), model=spec.name, model_fingerprint=fp)
-
+    report = RunReport(run_id=run_id, output=cfg.output, started=now(), command=command, model=spec.name,
+                       model_fingerprint=spec.fingerprint(), content_fingerprint=cfp)
     _check_output_outside_input(cfg)
-    shards: list[Shard] = list_shards(cfg.input, FORMAT_EXTENSIONS[cfg.format], cfg.storage_options)
+    so = dict(cfg.storage_options)
+    lease = Lease(cfg.output, run_id, cfg.lease_ttl_s, so).acquire()  # a second writer stops here
+    if lease.taken_over is not None:
+        report.lease_taken_over = lease.taken_over.describe()
+        progress(f"took over a stale lease of {report.lease_taken_over}")
+    try:
+        _run(cfg, spec, report, lease, progress, t_start)
+    except BaseException as e:
+        report.status, report.finished, report.error = "failed", now(), str(e)[:4000]
+        _save_report(cfg, report)
+        raise
+    finally:
+        lease.release()
+    return report.to_dict()
+
+
+def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, progress: Callable[[str], None],
+         t_start: float) -> None:
+    so = dict(cfg.storage_options)
+    cfp = report.content_fingerprint
+    previous = load_manifest(cfg.output, so)
+    if report.command == "refresh" and previous is None:
+        raise InputError(f"nothing is published at {cfg.output!r} yet, so there is nothing to refresh; "
+                         "run `featx embed` with this config first")
+    shards: list[Shard] = list_shards(cfg.input, FORMAT_EXTENSIONS[cfg.format], so, cfg.shard_fingerprint)
     pieces = plan_pieces(shards, cfg.piece_max_shards, int(cfg.piece_target_mb * (1 << 20)))
-    previous = load_manifest(cfg.output, cfg.storage_options)
-    done: dict[str, dict[str, Any]] = {}
-    if previous and previous.get("model_fingerprint") == fp and previous.get("embedding_dtype") == cfg.embedding_dtype \
-            and previous.get("model", {}).get("preprocessing_fingerprint") == spec.preprocessing_fingerprint():
-        done = {p["id"]: p for p in previous["pieces"]}
-    todo = [p for p in pieces if p.id not in done]
+    base = previous if previous and previous.get("content_fingerprint") == cfp else None
+    if previous and base is None:
+        report.reembed_reason = ("the model, its preprocessing, the embedding dtype or the read options changed: "
+                                 "every shard is embedded again into a new snapshot")
+        progress(report.reembed_reason)
+    report.base_snapshot = (previous or {}).get("snapshot", 0)
+    plan = plan_work(pieces, base)
+    adopted = adoptable(cfg.output, cfp, {w.piece.id for w in plan.todo}, report.run_id, so)
+    todo = [w for w in plan.todo if w.piece.id not in adopted]
+    removed = sorted({s["rel"] for p in (previous or {}).get("pieces", []) for s in p["shards"]}
+                     - {s.rel for s in shards})
     report.shards_total, report.pieces_total = len(shards), len(pieces)
-    report.shards_skipped = sum(len(p.shards) for p in pieces if p.id in done)
-    progress(f"featx embed: {len(shards)} shards in {len(pieces)} pieces; {len(todo)} pieces to embed "
-             f"({len(pieces) - len(todo)} already published) with {spec.name}")
+    report.changes = {"added": plan.added[:LIST_CAP], "changed": plan.changed[:LIST_CAP], "removed": removed[:LIST_CAP],
+                      "added_count": len(plan.added), "changed_count": len(plan.changed),
+                      "removed_count": len(removed), "unchanged_count": plan.unchanged}
+    report.pieces_adopted = len(adopted)
+    report.shards_adopted = sum(len(w.embed) for w in plan.todo if w.piece.id in adopted)
+    embedded = sorted(s.rel for w in todo for s in w.embed)
+    report.shards_embedded = embedded[:LIST_CAP]
+    report.shards_processed = len(embedded)
+    report.shards_skipped = len(shards) - len(embedded) - report.shards_adopted
+    progress(f"featx {report.command}: {len(shards)} shards in {len(pieces)} pieces; {len(plan.added)} new, "
+             f"{len(plan.changed)} changed, {len(removed)} removed, {plan.unchanged} unchanged; "
+             f"{len(embedded)} shards to embed with {spec.name}"
+             + (f"; {len(adopted)} pieces finished by a crashed run are adopted" if adopted else ""))
+
+    staging = Staging(cfg.output, report.run_id, cfp, so).start(report.base_snapshot)
+    metadata = {**spec.describe(), "embedding_dtype": cfg.embedding_dtype, "featx_version": __version__}
+    sink = SinkOptions(output=cfg.output, content_fingerprint=cfp, metadata=metadata,
+                       embedding_dtype=cfg.embedding_dtype, storage_options=so, staging=staging.prefix)
+    tracker = _Tracker(todo, staging)
+    if todo:
+        _stream(cfg, spec, report, todo, sink, tracker, t_start)
+        failed = [w for w in todo if w.piece.id not in tracker.records]
+        if failed:
+            _isolate(cfg, spec, report, failed, sink, tracker, progress)
+    staging.flush()
+
+    records = [tracker.records[w.piece.id] for w in todo] + list(adopted.values())
+    parts = [p for w in todo for p in tracker.records[w.piece.id]["parts"]]
+    _account(report, todo, tracker, adopted)
+    _check_error_budget(cfg, report, sink,
+                        [p["error_file"] for p in _new_parts(todo, tracker) if p["error_file"]])
+    changed = bool(records) or bool(removed) or previous is None or base is None
+    if changed:
+        dims = {p["dim"] for p in parts if p["rows"]} | ({base["dim"]} if base and base.get("dim") else set())
+        dims |= {rec.get("dim") for rec in adopted.values() if rec.get("dim")}
+        if len(dims) > 1:
+            raise PipelineError(f"pieces came back with different embedding dims {sorted(dims)}; nothing was published")
+        dim = dims.pop() if dims else None
+        for r in records:
+            r.pop("parts", None)
+            r["dim"] = dim
+        manifest = commit_run(
+            output=cfg.output, lease=lease, base_snapshot=report.base_snapshot, records=records, kept=plan.keep,
+            manifest_fields={"run_id": report.run_id, "model": spec.describe() | {"dim": dim},
+                             "model_fingerprint": spec.fingerprint(), "content_fingerprint": cfp, "dim": dim,
+                             "embedding_dtype": cfg.embedding_dtype, "input_uri": cfg.input, "input_format": cfg.format},
+            storage_options=so, keep_snapshots=cfg.keep_snapshots, progress=progress,
+        )
+    else:
+        manifest = previous
+        progress(f"nothing changed since snapshot {previous['snapshot']}: nothing to publish")
+    report.cleanup = clean_up(cfg.output, manifest, cfg.keep_snapshots, so)
+    elapsed = time.perf_counter() - t_start
+    report.status, report.finished = "succeeded", now()
+    report.snapshot = manifest["snapshot"]
+    report.published_rows, report.published_error_rows = manifest["rows"], manifest["error_rows"]
+    report.seconds = round(elapsed, 3)
+    report.rows_per_second = round(report.rows_in / elapsed, 2) if elapsed > 0 else 0.0
+    _save_report(cfg, report)
+
+
+def _new_parts(todo: list[PieceWork], tracker: _Tracker) -> list[dict[str, Any]]:
+    """This run's part results for rows it embedded (not the carried-over ones)."""
+    return [p for w in todo for p in tracker.records[w.piece.id]["parts"] if p is not tracker.carry_parts.get(w.piece.id)]
+
+
+def _account(report: RunReport, todo: list[PieceWork], tracker: _Tracker, adopted: dict[str, dict[str, Any]]) -> None:
+    """Counts of the records this run publishes anew: embedded now, or embedded by a crashed run and adopted."""
+    carry = list(tracker.carry_parts.values())
+    parts = _new_parts(todo, tracker)
+    report.pieces_processed = len(todo)
+    report.rows_out = sum(p["rows"] for p in parts) + sum(
+        f["rows"] for r in adopted.values() for f in r["files"] if not f.get("carried"))
+    report.error_rows = sum(p["error_rows"] for p in parts) + sum(
+        f["rows"] for r in adopted.values() for f in r["error_files"] if not f.get("carried"))
+    report.rows_in = report.rows_out + report.error_rows
+    report.rows_carried = sum(p["rows"] + p["error_rows"] for p in carry)
+    report.data_files_written = sum(1 for w in todo for p in tracker.records[w.piece.id]["parts"] if p["data_file"])
+    report.bytes_written = sum(p["bytes"] for w in todo for p in tracker.records[w.piece.id]["parts"])
+    report.stage_seconds = {k: round(sum(p[f"t_{k}"] for p in parts), 3) for k in ("read", "preprocess", "embed", "write")}
+    for w in todo:
+        for p in tracker.records[w.piece.id]["parts"]:
+            report.nodes[p["node_id"]] = report.nodes.get(p["node_id"], 0) + 1
+
+
+def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[PieceWork], sink: SinkOptions,
+            tracker: _Tracker, t_start: float) -> None:
+    """The streaming pass: embed the new/changed shards of each piece; carry-over tasks run beside it."""
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy, DataContext
 
     init_ray(cfg)
     report.resources = check_resources(cfg)
-    metadata = {**spec.describe(), "embedding_dtype": cfg.embedding_dtype, "featx_version": __version__}
-    results: dict[str, list[dict[str, Any]]] = {}
-    if todo:
-        items = [{"piece": p.id, "shards": json.dumps([s.to_dict() for s in p.shards])} for p in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(
-            load_pieces, fn_args=(read_options(cfg), spec.preprocessing), batch_size=1,
-            batch_format="pyarrow", num_cpus=cfg.preprocess_num_cpus,
-            # declared memory per task; differing from the actors' it also keeps Ray Data from fusing
-            # this CPU stage into the embedding actors, so the two stages scale apart
-            memory=cfg.preprocess_memory_mb * (1 << 20),
-        )
-        ds = ds.map_batches(
-            EmbedActor,
-            fn_constructor_kwargs={"spec": spec, "batch_size": cfg.batch_size, "precision": cfg.precision,
-                                   "num_gpus": cfg.num_gpus,
-                                   "torch_threads": cfg.torch_threads or max(1, math.ceil(cfg.num_cpus))},
-            # CPU: one call per block (a whole piece: length buckets span the piece). Ray Data insists on a
-            # batch_size for GPU stages: there a call gets a window of 16 forward batches; whole blocks are
-            # bundled, and a piece whose rows land in two output blocks is written as two part files.
-            batch_size=None if not cfg.num_gpus else cfg.batch_size * 16,
-            batch_format="pyarrow", zero_copy_batch=True,
-            compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=report.resources["max_actors"]),
-            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None,
-        )
-        sink = SinkOptions(output=cfg.output, model_fingerprint=fp, metadata=metadata,
-                           embedding_dtype=cfg.embedding_dtype, storage_options=dict(cfg.storage_options))
-        # writes are small I/O-bound tasks: they take no CPU slot (so reads and actors keep theirs),
-        # and a fixed-size task pool bounds how many run at once
-        ds = ds.map_batches(write_piece, fn_args=(sink,), batch_size=None, batch_format="pyarrow", num_cpus=0,
-                            compute=ray.data.TaskPoolStrategy(size=max(2, report.resources["max_actors"])))
-        try:
+    carry_fn = ray.remote(num_cpus=0, max_retries=cfg.max_task_retries)(carry_piece)
+    carry_queue = [(w.piece.id, list(w.carry)) for w in todo if w.carry]
+    pending: dict[Any, str] = {}
+
+    def pump(block: bool) -> None:
+        while carry_queue and len(pending) < 4:  # a few at a time: each holds one old piece's rows
+            pid, sources = carry_queue.pop(0)
+            pending[carry_fn.remote(pid, sources, sink)] = pid
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
+            if not ready:
+                return
+            pending.pop(ready[0])
+            tracker.add_carried(ray.get(ready[0]))
+            while carry_queue and len(pending) < 4:
+                pid, sources = carry_queue.pop(0)
+                pending[carry_fn.remote(pid, sources, sink)] = pid
+
+    items = [{"piece": w.piece.id, "shards": json.dumps([s.to_dict() for s in w.embed])} for w in todo if w.embed]
+    ctx = DataContext.get_current()
+    saved_errored = ctx.max_errored_blocks
+    ctx.max_errored_blocks = -1  # a block that fails after its retries comes back to isolation, not a crash
+    try:
+        if items:
+            with warnings.catch_warnings():
+                # Ray 2.60 has no named parameter for retry counts yet; ray_remote_args still carry them
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+                ds = ray.data.from_items(items, override_num_blocks=len(items))
+                ds = ds.map_batches(
+                    load_pieces, fn_args=(read_options(cfg), spec.preprocessing), batch_size=1,
+                    batch_format="pyarrow", num_cpus=cfg.preprocess_num_cpus,
+                    # declared memory per task; differing from the actors' it also keeps Ray Data from fusing
+                    # this CPU stage into the embedding actors, so the two stages scale apart
+                    memory=cfg.preprocess_memory_mb * (1 << 20),
+                    max_retries=cfg.max_task_retries,  # a worker that dies on every try is not retried forever
+                )
+                ds = ds.map_batches(
+                    EmbedActor,
+                    fn_constructor_kwargs={"spec": spec, "batch_size": cfg.batch_size, "precision": cfg.precision,
+                                           "num_gpus": cfg.num_gpus,
+                                           "torch_threads": cfg.torch_threads or max(1, math.ceil(cfg.num_cpus))},
+                    # CPU: one call per block (a whole piece: length buckets span the piece). Ray Data insists on
+                    # a batch_size for GPU stages: there a call gets a window of 16 forward batches; a piece whose
+                    # rows land in several output blocks is written as several parts, journalled once all are in.
+                    batch_size=None if not cfg.num_gpus else cfg.batch_size * 16,
+                    batch_format="pyarrow", zero_copy_batch=True,
+                    compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=report.resources["max_actors"]),
+                    num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None,
+                    max_restarts=-1, max_task_retries=cfg.max_task_retries,  # dead actors are replaced
+                )
+                # writes are small I/O-bound tasks: they take no CPU slot (so reads and actors keep theirs),
+                # and a fixed-size task pool bounds how many run at once
+                ds = ds.map_batches(write_piece, fn_args=(sink,), batch_size=None, batch_format="pyarrow", num_cpus=0,
+                                    compute=ray.data.TaskPoolStrategy(size=max(2, report.resources["max_actors"])),
+                                    max_retries=cfg.max_task_retries)
+            pump(block=False)
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if report.seconds_to_first_result is None:
                     report.seconds_to_first_result = round(time.perf_counter() - t_start, 3)
                 for r in batch.to_pylist():
-                    results.setdefault(r["piece"], []).append(r)
+                    tracker.add_embedded(r)
+                pump(block=False)
             report.operators = _operator_names(ds)
-        except Exception as e:
-            report.status = "failed"
-            report.finished = now()
-            _save_report(cfg, report)
-            raise PipelineError(f"embedding run {run_id} failed; nothing new was published: {e}") from e
+        pump(block=True)
+    except Exception as e:
+        raise PipelineError(f"embedding run {report.run_id} failed; nothing new was published "
+                            f"(finished pieces are journalled and a rerun adopts them): {e}") from e
+    finally:
+        ctx.max_errored_blocks = saved_errored
 
-    new_pieces = {p.id: _piece_record(p, results.get(p.id, [])) for p in todo}
-    kept = {p.id: done[p.id] for p in pieces if p.id in done}
-    all_results = [r for rs in results.values() for r in rs]
-    _check_error_budget(cfg, report, all_results)
-    dims = {r["dim"] for r in all_results}
-    dim = dims.pop() if len(dims) == 1 else (previous or {}).get("dim") if not dims else None
-    if dim is None and dims:
-        raise PipelineError(f"pieces came back with different embedding dims {sorted(dims)}; nothing was published")
-    manifest = build_manifest(
-        previous=previous, run_id=run_id, model=spec.describe() | {"dim": dim}, model_fingerprint=fp, dim=dim,
-        embedding_dtype=cfg.embedding_dtype, input_uri=cfg.input, input_format=cfg.format,
-        pieces=list(kept.values()) + list(new_pieces.values()),
+
+def _isolate(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, failed: list[PieceWork], sink: SinkOptions,
+             tracker: _Tracker, progress: Callable[[str], None]) -> None:
+    from pipelines.isolate import isolate
+
+    progress(f"{len(failed)} pieces failed after {cfg.max_task_retries} retries; isolating their bad records")
+    expected = sum(r["rows"] + r["error_rows"] for rs in tracker.embed_parts.values() for r in rs)
+    iso = isolate(
+        failed,
+        actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus or None},
+        actor_args={"spec": spec, "ropts": read_options(cfg), "sink": sink, "batch_size": cfg.batch_size,
+                    "precision": cfg.precision, "num_gpus": cfg.num_gpus,
+                    "torch_threads": cfg.torch_threads or max(1, math.ceil(cfg.num_cpus))},
+        sink=sink, max_record_attempts=cfg.max_record_attempts,
+        max_quarantined=max(3, int(cfg.max_error_fraction * max(expected, 1))), progress=progress,
     )
-    commit(cfg.output, manifest, cfg.storage_options)
-
-    elapsed = time.perf_counter() - t_start
-    report.status = "succeeded"
-    report.finished = now()
-    report.snapshot = manifest["snapshot"]
-    report.pieces_processed = len(todo)
-    report.shards_processed = sum(len(p.shards) for p in todo)
-    report.rows_out = sum(r["rows"] for r in all_results)
-    report.error_rows = sum(r["error_rows"] for r in all_results)
-    report.rows_in = report.rows_out + report.error_rows
-    report.published_rows, report.published_error_rows = manifest["rows"], manifest["error_rows"]
-    report.data_files_written = sum(1 for r in all_results if r["data_file"])
-    report.bytes_written = sum(r["bytes"] for r in all_results)
-    report.seconds = round(elapsed, 3)
-    report.rows_per_second = round(report.rows_in / elapsed, 2) if elapsed > 0 else 0.0
-    report.stage_seconds = {k: round(sum(r[f"t_{k}"] for r in all_results), 3)
-                            for k in ("read", "preprocess", "embed", "write")}
-    for r in all_results:
-        report.nodes[r["node_id"]] = report.nodes.get(r["node_id"], 0) + 1
-    _save_report(cfg, report)
-    return report.to_dict()
+    report.quarantined, report.isolation_calls = iso.quarantined, iso.calls
+    for w in failed:
+        tracker.finish(w.piece.id, iso.results[w.piece.id])
 
 
-def _check_error_budget(cfg: EmbedConfig, report: RunReport, results: list[dict[str, Any]]) -> None:
-    """Fail the run (publishing nothing) when more than max_error_fraction of this run's records failed."""
-    rows = sum(r["rows"] for r in results)
-    errors = sum(r["error_rows"] for r in results)
+def _check_error_budget(cfg: EmbedConfig, report: RunReport, sink: SinkOptions, error_files: list[str]) -> None:
+    """Fail the run (publishing nothing) when more than max_error_fraction of the records it embedded failed.
+
+    Counted: the rows this run embedded and those of adopted pieces (not yet checked by any commit); rows
+    carried over unchanged were accepted by an earlier commit.
+    """
+    rows, errors = report.rows_out, report.error_rows
     if not errors or errors <= cfg.max_error_fraction * (rows + errors):
         return
     import pyarrow.parquet as pq
@@ -285,21 +485,15 @@ def _check_error_budget(cfg: EmbedConfig, report: RunReport, results: list[dict[
 
     kinds: dict[str, int] = {}
     examples: list[str] = []
-    for r in results:
-        if not r["error_file"]:
-            continue
-        fs, path = get_fs(join(cfg.output, r["error_file"]), cfg.storage_options)
-        with fs.open(path, "rb") as f:
+    for path in error_files:
+        fs, p = get_fs(sink.staged(path), cfg.storage_options)
+        with fs.open(p, "rb") as f:
             t = pq.read_table(f)
         for row in t.to_pylist():
             k = f"{row['stage']}/{row['error_type']}"
             kinds[k] = kinds.get(k, 0) + 1
             if len(examples) < 3:
                 examples.append(f"{row['key']}: {row['message'][:200]}")
-    report.status = "failed"
-    report.finished = now()
-    report.error_rows = errors
-    _save_report(cfg, report)
     summary = ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
     raise PipelineError(
         f"{errors} of {rows + errors} records failed ({errors / (rows + errors):.1%}), more than "

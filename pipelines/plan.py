@@ -52,3 +52,63 @@ def plan_pieces(shards: list[Shard], max_shards: int = 256, target_bytes: int = 
     if cur:
         pieces.append(Piece(piece_id(cur), tuple(cur)))
     return pieces
+
+
+@dataclass(frozen=True)
+class PieceWork:
+    """A piece this run must (re)build: its shards to embed, and old rows to carry over unchanged."""
+
+    piece: Piece
+    embed: tuple[Shard, ...]  # new or changed shards: read and embed them
+    carry: tuple[dict, ...]  # per old piece: {"files", "error_files", "uris"}: copy those shards' rows
+
+
+@dataclass
+class WorkPlan:
+    keep: list[dict]  # published piece records kept as they are
+    todo: list[PieceWork]
+    added: list[str]  # shard paths (relative to the input root)
+    changed: list[str]
+    removed: list[str]
+    unchanged: int
+
+
+def plan_work(pieces: list[Piece], published: dict | None) -> WorkPlan:
+    """Compare the planned pieces with the published manifest (already checked to match the content fingerprint).
+
+    A piece published with the same id (same shards, sizes and fingerprints) is kept. Any other piece is
+    rebuilt: its new or changed shards are embedded, and the rows of its unchanged shards are carried
+    over from the published files, so a changed shard costs only its own rows, whatever the grouping.
+    """
+    old_pieces = {p["id"]: p for p in (published or {}).get("pieces", [])}
+    old_shards = {s["rel"]: (s, p) for p in old_pieces.values() for s in p["shards"]}
+    now = {s.rel for p in pieces for s in p.shards}
+    keep: list[dict] = []
+    todo: list[PieceWork] = []
+    added: list[str] = []
+    changed: list[str] = []
+    unchanged = 0
+    for piece in pieces:
+        if piece.id in old_pieces:
+            keep.append(old_pieces[piece.id])
+            unchanged += len(piece.shards)
+            continue
+        embed: list[Shard] = []
+        carry: dict[str, dict] = {}
+        for s in piece.shards:
+            old = old_shards.get(s.rel)
+            if old is None:
+                added.append(s.rel)
+                embed.append(s)
+            elif (old[0]["uri"], old[0]["size"], old[0]["fingerprint"]) != (s.uri, s.size, s.fingerprint):
+                changed.append(s.rel)
+                embed.append(s)
+            else:
+                unchanged += 1
+                src = carry.setdefault(old[1]["id"], {"files": [f["path"] for f in old[1]["files"]],
+                                                      "error_files": [f["path"] for f in old[1]["error_files"]],
+                                                      "uris": []})
+                src["uris"].append(s.uri)
+        todo.append(PieceWork(piece, tuple(embed), tuple(carry[k] for k in sorted(carry))))
+    removed = sorted(rel for rel in old_shards if rel not in now)
+    return WorkPlan(keep=keep, todo=todo, added=added, changed=changed, removed=removed, unchanged=unchanged)

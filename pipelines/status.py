@@ -40,6 +40,6 @@ def _runs(output: str, storage_options: dict[str, Any] | None) -> list[dict[str,
     for name in names:
         if not name.endswith(".json"):
             continue
-        report = json.loads(retry(lambda: fs.cat_file(name), f"reading {name!r}"))
+        report = json.loads(retry(lambda n=name: fs.cat_file(n), f"reading {name!r}"))
         out.append({k: report.get(k) for k in RUN_FIELDS})
     return sorted(out, key=lambda r: (r["started"] or "", r["finished"] or ""))

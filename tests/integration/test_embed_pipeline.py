@@ -157,16 +157,16 @@ def test_keys_and_vectors_are_stable_across_runs_and_rerun_skips(tmp_path: Path,
     np.testing.assert_allclose(np.array(a["embedding"].to_pylist()), np.array(b["embedding"].to_pylist()), atol=1e-4)
     files_a = sorted(p.name for p in (tmp_path / "a" / "data").iterdir())
     files_b = sorted(p.name for p in (tmp_path / "b" / "data").iterdir())
-    assert files_a == files_b  # deterministic names: shard identity + model fingerprint
+    assert files_a == files_b  # deterministic names: shard identity + content fingerprint
     # a rerun on the same output finds every piece published and embeds nothing again
     again = run_embed(build_config(None, {**base, "output": str(tmp_path / "a")}), progress=lambda m: None)
     assert again["pieces_processed"] == 0 and again["shards_skipped"] == 2 and again["published_rows"] == n
     m = load_manifest(str(tmp_path / "a"))
-    assert m["snapshot"] == 2 and m["rows"] == n
+    assert m["snapshot"] == 1 and m["rows"] == n and again["snapshot"] == 1  # nothing changed: no new snapshot
     from pipelines.status import output_status
 
     st = output_status(str(tmp_path / "a"))
-    assert st["published"]["snapshot"] == 2 and st["published"]["rows"] == n and st["published"]["shards"] == 2
+    assert st["published"]["snapshot"] == 1 and st["published"]["rows"] == n and st["published"]["shards"] == 2
     assert [r["status"] for r in st["runs"]] == ["succeeded", "succeeded"]
     assert [r["shards_processed"] for r in st["runs"]] == [2, 0]
     assert (tmp_path / "a" / "_manifests" / "00000001.json").exists()
@@ -254,5 +254,6 @@ def test_fractional_cpus_two_actors_and_logical_gpus_do_not_hang(tmp_path: Path,
     assert report["resources"]["max_actors"] == 2 and report["resources"]["cluster_gpus"] == 1
     # asking for more GPUs than the cluster has is refused up front, not left waiting
     with pytest.raises(ConfigError, match="needs 2 GPUs"):
-        run_embed(cfg.model_copy(update={"num_gpus": 1.0, "min_actors": 2, "max_actors": 2, "num_cpus": 0.5}),
+        run_embed(cfg.model_copy(update={"num_gpus": 1.0, "min_actors": 2, "max_actors": 2, "num_cpus": 0.5,
+                                         "output": str(tmp_path / "o2")}),
                   progress=lambda m: None)

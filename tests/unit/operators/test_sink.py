@@ -27,7 +27,7 @@ def _embedded(n: int, dim: int, bad: set[int]) -> pa.Table:
 
 
 def test_write_piece_files_schema_metadata_and_errors(tmp_path: Path) -> None:
-    opts = SinkOptions(output=str(tmp_path), model_fingerprint="abcdef123456789", metadata={"model": "m"})
+    opts = SinkOptions(output=str(tmp_path), content_fingerprint="abcdef123456789", metadata={"model": "m"})
     res = write_piece(_embedded(5, 4, {1}), opts).to_pylist()
     assert len(res) == 1 and res[0]["rows"] == 4 and res[0]["error_rows"] == 1 and res[0]["dim"] == 4
     data = pq.read_table(tmp_path / res[0]["data_file"])
@@ -46,7 +46,7 @@ def test_write_piece_files_schema_metadata_and_errors(tmp_path: Path) -> None:
 
 
 def test_float16_on_request(tmp_path: Path) -> None:
-    opts = SinkOptions(output=str(tmp_path), model_fingerprint="f" * 16, metadata={}, embedding_dtype="float16")
+    opts = SinkOptions(output=str(tmp_path), content_fingerprint="f" * 16, metadata={}, embedding_dtype="float16")
     res = write_piece(_embedded(3, 2, set()), opts).to_pylist()
     t = pq.read_table(tmp_path / res[0]["data_file"])
     assert t.schema.field("embedding").type == pa.list_(pa.float16(), 2)

@@ -1,0 +1,48 @@
+"""Failpoints: deterministic crash injection for the kill tests, inert unless ``FEATX_FAILPOINTS`` is set.
+
+The publishing protocol promises exactly-once output whatever point a process dies at. To test that for
+real (a real SIGKILL of a real process, not a mock), the protocol names its steps, and a test process
+sets ``FEATX_FAILPOINTS`` in the environment of the ``featx`` command it starts:
+
+- ``driver:<point>`` or ``driver:<point>@<n>``: the driver kills itself (SIGKILL) the n-th time (default 1st)
+  it passes ``<point>`` (points: ``journal``, ``commit-before-move``, ``commit-mid-move``,
+  ``commit-before-manifest``, ``commit-after-manifest``).
+- ``crash-key:<key>``: any worker process that is about to preprocess the record ``<key>`` kills itself,
+  as a native decoder crash would. Several entries are separated by commas.
+
+Nothing here runs when the variable is unset (one environment lookup per call).
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Iterable
+
+ENV = "FEATX_FAILPOINTS"
+_passed: dict[str, int] = {}
+
+
+def _entries() -> list[str]:
+    return [e.strip() for e in os.environ.get(ENV, "").split(",") if e.strip()]
+
+
+def failpoint(point: str) -> None:
+    """Kill this process here if a test asked for it."""
+    if not os.environ.get(ENV):
+        return
+    _passed[point] = _passed.get(point, 0) + 1
+    for e in _entries():
+        if not e.startswith("driver:"):
+            continue
+        name, _, nth = e[len("driver:"):].partition("@")
+        if name == point and _passed[point] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crash_on_keys(keys: Iterable[str]) -> None:
+    """Kill this worker process if it is about to process a record a test marked as a crasher."""
+    if not os.environ.get(ENV):
+        return
+    bad = {e[len("crash-key:"):] for e in _entries() if e.startswith("crash-key:")}
+    if bad and not bad.isdisjoint(keys):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,164 @@
+"""Exactly-once publishing: stage, journal, commit by manifest, clean up.
+
+The protocol, for one output (one writer at a time, see :mod:`pipelines.lease`):
+
+1. A run writes every file under its own prefix ``OUTPUT/_staging/<run_id>/`` (``data/`` and ``_errors/``,
+   with the deterministic names the sink gives them).
+2. When all parts of a piece are written, the driver appends the piece's record to the run's journal
+   (``_staging/<run_id>/journal/NNNNNN.json``, a few seconds of pieces per object). A journalled piece is
+   finished work: a rerun after a crash adopts it instead of embedding its shards again.
+3. Commit: check the lease is still ours and that nobody committed since this run started; move each staged
+   file to its final name (``data/...``, ``_errors/...``); write the numbered snapshot, then
+   ``_manifest.json`` in one whole-object write. Readers follow the manifest, so they see the old snapshot
+   or the new one, never a mix, and never a file that no manifest lists.
+4. Clean up: delete every staging prefix (this run's and crashed runs'), and data files that neither the
+   new manifest nor the last ``keep_snapshots`` snapshots list.
+
+A crash at any point leaves only unpublished files, which the next run adopts (journalled pieces; files
+already moved are found at their final names) or deletes.
+"""
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from operators.errors import PipelineError
+from operators.faults import failpoint
+from operators.storage import delete, join, list_files, move, read_bytes, write_bytes
+from pipelines.lease import Lease
+from pipelines.manifest import build_manifest, commit, load_manifest, load_snapshot, now
+
+STAGING = "_staging"
+
+
+class Staging:
+    """This run's staging prefix and its journal of finished pieces."""
+
+    def __init__(self, output: str, run_id: str, content_fingerprint: str, storage_options: dict[str, Any],
+                 flush_every_s: float = 5.0):
+        self.output, self.run_id, self.content_fp = output, run_id, content_fingerprint
+        self.storage_options = storage_options
+        self.prefix = f"{STAGING}/{run_id}"
+        self.flush_every_s = flush_every_s
+        self._pending: list[dict[str, Any]] = []
+        self._seq = 0
+        self._last_flush = time.monotonic()
+
+    def start(self, base_snapshot: int) -> "Staging":
+        info = {"run_id": self.run_id, "content_fingerprint": self.content_fp, "base_snapshot": base_snapshot,
+                "started": now()}
+        write_bytes(join(self.output, self.prefix, "run.json"), json.dumps(info).encode(), self.storage_options)
+        return self
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Journal a finished piece (its files are all written)."""
+        self._pending.append(record)
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._pending:
+            return
+        self._seq += 1
+        body = json.dumps({"run_id": self.run_id, "content_fingerprint": self.content_fp, "pieces": self._pending})
+        write_bytes(join(self.output, self.prefix, "journal", f"{self._seq:06d}.json"), body.encode(),
+                    self.storage_options)
+        self._pending = []
+        failpoint("journal")
+
+
+def _file_paths(record: dict[str, Any]) -> list[str]:
+    return [f["path"] for f in record["files"]] + [f["path"] for f in record["error_files"]]
+
+
+def adoptable(output: str, content_fingerprint: str, wanted: set[str], own_run: str,
+              storage_options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Pieces that crashed runs finished (journalled) with the same content fingerprint, by piece id.
+
+    Only ``wanted`` pieces (this run's to-do list) are taken, and only when each of their files is still
+    there: in the crashed run's staging prefix, or at its final name (moved by a commit that died).
+    """
+    found: dict[str, dict[str, Any]] = {}
+    if not wanted:
+        return found
+    runs = sorted({p.split("/", 1)[0] for p in list_files(join(output, STAGING), storage_options) if "/" in p})
+    staged = set()
+    for run in runs:
+        if run == own_run:
+            continue
+        raw = read_bytes(join(output, STAGING, run, "run.json"), storage_options)
+        if raw is None or json.loads(raw).get("content_fingerprint") != content_fingerprint:
+            continue
+        files = list_files(join(output, STAGING, run), storage_options)
+        staged |= {f"{STAGING}/{run}/{f}" for f in files}
+        for name in sorted(f for f in files if f.startswith("journal/")):
+            chunk = read_bytes(join(output, STAGING, run, name), storage_options)
+            for rec in json.loads(chunk or b'{"pieces": []}')["pieces"]:
+                if rec["id"] in wanted and rec["id"] not in found:
+                    found[rec["id"]] = rec
+    if not found:
+        return found
+    final = set(list_files(join(output, "data"), storage_options))
+    final = {f"data/{f}" for f in final} | {f"_errors/{f}" for f in list_files(join(output, "_errors"), storage_options)}
+    return {pid: rec for pid, rec in found.items()
+            if all(f"{rec['staged_in']}/{p}" in staged or p in final for p in _file_paths(rec))}
+
+
+def commit_run(
+    *, output: str, lease: Lease, base_snapshot: int, records: list[dict[str, Any]], kept: list[dict[str, Any]],
+    manifest_fields: dict[str, Any], storage_options: dict[str, Any], keep_snapshots: int,
+    progress: Callable[[str], None] = lambda m: None,
+) -> dict[str, Any]:
+    """Publish ``kept`` + ``records`` (new pieces, staged) as the next snapshot; returns the manifest."""
+    lease.check()
+    current = load_manifest(output, storage_options)
+    if (current or {}).get("snapshot", 0) != base_snapshot:
+        raise PipelineError(
+            f"another run committed snapshot {current['snapshot'] if current else 0} to {output!r} while this run "
+            f"(started from snapshot {base_snapshot}) was working; nothing was published. Run again: the "
+            "finished pieces of this run are adopted, not embedded again."
+        )
+    moves = [(join(output, r["staged_in"], p), join(output, p)) for r in records if r.get("staged_in")
+             for p in _file_paths(r)]
+    failpoint("commit-before-move")
+    if moves:
+        move(*moves[0], storage_options)
+        failpoint("commit-mid-move")
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda m: move(m[0], m[1], storage_options), moves[1:]))
+    pieces = kept + [{k: v for k, v in r.items() if k != "staged_in"} for r in records]
+    manifest = build_manifest(previous=current, pieces=pieces, **manifest_fields)
+    commit(output, manifest, storage_options, before_publish=lambda: failpoint("commit-before-manifest"))
+    failpoint("commit-after-manifest")
+    progress(f"committed snapshot {manifest['snapshot']}: {manifest['rows']} rows, {manifest['error_rows']} error rows")
+    return manifest
+
+
+def referenced_files(output: str, manifest: dict[str, Any] | None, keep_snapshots: int,
+                     storage_options: dict[str, Any]) -> set[str]:
+    """Files that the manifest or one of the ``keep_snapshots`` newest snapshots list."""
+    refs: set[str] = set()
+    if manifest is None:
+        return refs
+    for n in range(manifest["snapshot"], max(0, manifest["snapshot"] - keep_snapshots), -1):
+        snap = manifest if n == manifest["snapshot"] else load_snapshot(output, n, storage_options)
+        if snap is not None:
+            refs |= {f["path"] for f in snap["files"]} | {f["path"] for f in snap["error_files"]}
+    return refs
+
+
+def clean_up(output: str, manifest: dict[str, Any] | None, keep_snapshots: int,
+             storage_options: dict[str, Any]) -> dict[str, int]:
+    """Delete staging prefixes and unreferenced data/error files. Call only while holding the lease."""
+    staged = [join(output, STAGING, p) for p in list_files(join(output, STAGING), storage_options)]
+    refs = referenced_files(output, manifest, keep_snapshots, storage_options)
+    garbage = [join(output, "data", p) for p in list_files(join(output, "data"), storage_options)
+               if f"data/{p}" not in refs]
+    garbage += [join(output, "_errors", p) for p in list_files(join(output, "_errors"), storage_options)
+                if f"_errors/{p}" not in refs]
+    delete(staged + garbage, storage_options)
+    return {"staging_files": len(staged), "unreferenced_files": len(garbage)}
+
