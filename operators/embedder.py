@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from operators import columns as C
 from operators.backbones import Backbone
+from operators.faults import ENV as FAULTS_ENV, crash_embed_once
 from operators.registry import ImagePreprocess, ModelSpec, load
 
 
@@ -120,4 +121,6 @@ class EmbedActor:
         self.precision = precision
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if os.environ.get(FAULTS_ENV):  # kill tests only; one lookup otherwise
+            crash_embed_once(table[C.KEY].to_pylist())
         return embed_table(self.backbone, table, self.batch_size, self.precision)

@@ -8,14 +8,20 @@ sets ``FEATX_FAILPOINTS`` in the environment of the ``featx`` command it starts:
   it passes ``<point>`` (points: ``journal``, ``commit-before-move``, ``commit-mid-move``,
   ``commit-before-manifest``, ``commit-after-manifest``).
 - ``crash-key:<key>``: any worker process that is about to preprocess the record ``<key>`` kills itself,
-  as a native decoder crash would. Several entries are separated by commas.
+  as a native decoder crash would, every time.
+- ``crash-embed-once:<key>``: the embedding actor that is about to embed ``<key>`` kills itself, the first
+  time only (a marker file in the temp folder remembers it), as a lost worker or node would.
+
+Several entries are separated by commas.
 
 Nothing here runs when the variable is unset (one environment lookup per call).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
+import tempfile
 from typing import Iterable
 
 ENV = "FEATX_FAILPOINTS"
@@ -46,3 +52,23 @@ def crash_on_keys(keys: Iterable[str]) -> None:
     bad = {e[len("crash-key:"):] for e in _entries() if e.startswith("crash-key:")}
     if bad and not bad.isdisjoint(keys):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crash_embed_once(keys: Iterable[str]) -> None:
+    """Kill this embedding actor the first time it meets a marked record (see the module doc)."""
+    if not os.environ.get(ENV):
+        return
+    marked = {e[len("crash-embed-once:"):] for e in _entries() if e.startswith("crash-embed-once:")}
+    for key in marked.intersection(keys):
+        marker = once_marker(key)
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def once_marker(key: str) -> str:
+    """The file that remembers a ``crash-embed-once`` failpoint fired (tests delete it first)."""
+    return os.path.join(tempfile.gettempdir(), "featx-failpoint-" + hashlib.sha1(key.encode()).hexdigest()[:16])

@@ -66,7 +66,7 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float =
     for i in range(attempts):
         try:
             return fn()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+        except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError):
             raise
         except (OSError, TimeoutError, ConnectionError) as e:  # s3fs/aiohttp errors derive from OSError
             if i == attempts - 1:
@@ -115,6 +115,7 @@ def list_shards(
     changes while the content does not).
     """
     fs, path = get_fs(uri, storage_options)
+    fs.invalidate_cache()  # fsspec keeps listings per instance: a nightly run in a long process must see today's
     exts = tuple(e.lower() for e in extensions)
     if _has_glob(path):
         root = path.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
@@ -216,6 +217,7 @@ def list_files(uri: str, storage_options: dict[str, Any] | None = None) -> list[
     """Paths relative to ``uri`` of every file under it (recursively); empty when it does not exist."""
     fs, path = get_fs(uri, storage_options)
     path = path.rstrip("/")
+    fs.invalidate_cache()  # the protocol decides from listings: never from a stale cached one
     try:
         found = retry(lambda: fs.find(path), f"listing {uri!r}")
     except FileNotFoundError:
@@ -241,6 +243,7 @@ def move(src: str, dst: str, storage_options: dict[str, Any] | None = None) -> N
     try:
         retry(lambda: fs.copy(spath, dpath), f"copying {src!r} to {dst!r}")
     except FileNotFoundError:
+        fs.invalidate_cache()
         if not retry(lambda: fs.exists(dpath), f"checking {dst!r}"):
             raise
         return

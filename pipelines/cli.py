@@ -49,11 +49,40 @@ def embed(
         _print_report(report)
 
 
+@app.command()
+def refresh(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="The YAML config of the job to refresh"),
+    output: Optional[str] = typer.Option(None, "--output", help="Output URI; without --config its saved config is used"),
+    set_: list[str] = typer.Option([], "--set", help="Override any config key: --set max_actors=4"),
+    json_out: bool = typer.Option(False, "--json", help="Print the run report as JSON"),
+) -> None:
+    """Embed only new or changed shards; drop removed ones; keep the rest. Safe to run from cron."""
+    from pipelines.config import build_config, config_from_output, dump_config, parse_set
+    from pipelines.embed import run_embed
+
+    try:
+        overrides: dict[str, Any] = {"output": output, **parse_set(set_)}
+        if config is None and output is None:
+            raise FeatxError("refresh needs --config FILE, or --output URI of a table featx wrote (its saved config is used)")
+        cfg = build_config(config, overrides) if config else config_from_output(output or "", overrides)
+        console.print(f"[dim]resolved config:[/]\n{dump_config(cfg)}", highlight=False)
+        report = run_embed(cfg, progress=lambda m: console.print(m, highlight=False), command="refresh")
+    except FeatxError as e:
+        _fail(e)
+    if json_out:
+        print(json.dumps(report, indent=1))
+    else:
+        _print_report(report)
+
+
 def _print_report(report: dict[str, Any]) -> None:
     t = Table(title=f"featx run {report['run_id']}: {report['status']}", show_header=False)
-    for k in ("output", "snapshot", "model", "shards_total", "shards_processed", "shards_skipped", "rows_in",
-              "rows_out", "error_rows", "published_rows", "data_files_written", "seconds", "rows_per_second",
-              "seconds_to_first_result", "stage_seconds"):
+    ch = report.get("changes") or {}
+    report = {**report, "changes": {k: ch.get(f"{k}_count") for k in ("added", "changed", "removed", "unchanged")}}
+    for k in ("output", "snapshot", "model", "changes", "shards_total", "shards_processed", "shards_skipped",
+              "shards_adopted", "rows_in", "rows_out", "error_rows", "quarantined", "rows_carried", "published_rows",
+              "published_error_rows", "data_files_written", "seconds", "rows_per_second", "seconds_to_first_result",
+              "stage_seconds"):
         t.add_row(k, str(report.get(k)))
     Console().print(t)
 
@@ -82,9 +111,12 @@ def status(
         for k, v in pub.items():
             t.add_row(k, str(v))
         out.print(t)
+    if st.get("running"):
+        r = st["running"]
+        out.print(("stale lease (that run died; the next run takes over): " if r["stale"] else "running now: ") + r["what"])
     runs = Table(*RUN_FIELDS, title="runs")
     for r in st["runs"]:
-        runs.add_row(*[str(r[k]) for k in RUN_FIELDS])
+        runs.add_row(*[str(r.get(k)) for k in RUN_FIELDS])
     out.print(runs)
 
 

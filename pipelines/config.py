@@ -51,6 +51,7 @@ class EmbedConfig(BaseModel):
     # -- fault tolerance
     lease_ttl_s: float = Field(600.0, gt=0, description="A run's lease on the output lasts this long unless renewed (it renews every ttl/4)")
     max_task_retries: int = Field(3, ge=0, description="Retries of a read/embed/write task whose worker died, before its piece is isolated")
+    journal_interval_s: float = Field(5.0, ge=0, description="Finished pieces are journalled (and survive a crash) at least this often")
     max_record_attempts: int = Field(2, ge=1, description="Tries of one record alone before it is quarantined to _errors as WorkerCrashed")
 
     # -- the model
@@ -161,6 +162,32 @@ def build_config(
         return EmbedConfig(**data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source or str(path or "command line"))) from None
+
+
+def _drop_redacted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_redacted(v) for k, v in value.items() if v != "***"}
+    return value
+
+
+def config_from_output(output: str, overrides: dict[str, Any] | None = None) -> EmbedConfig:
+    """The config a previous run saved beside its output (``_config.json``), with ``overrides`` on top.
+
+    Secrets were never saved: they come again from the environment (instance roles, AWS_* variables).
+    """
+    from operators.errors import InputError
+    from operators.storage import join, read_bytes
+
+    raw = read_bytes(join(output, "_config.json"), (overrides or {}).get("storage_options"))
+    if raw is None:
+        raise InputError(f"no saved config at {join(output, '_config.json')}: pass --config with the job's YAML")
+    data = json.loads(raw)
+    data["storage_options"] = _drop_redacted(data.get("storage_options") or {})
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return EmbedConfig(**data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, join(output, "_config.json"))) from None
 
 
 def dump_config(cfg: EmbedConfig) -> str:

@@ -299,7 +299,7 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
              f"{len(embedded)} shards to embed with {spec.name}"
              + (f"; {len(adopted)} pieces finished by a crashed run are adopted" if adopted else ""))
 
-    staging = Staging(cfg.output, report.run_id, cfp, so).start(report.base_snapshot)
+    staging = Staging(cfg.output, report.run_id, cfp, so, cfg.journal_interval_s).start(report.base_snapshot)
     metadata = {**spec.describe(), "embedding_dtype": cfg.embedding_dtype, "featx_version": __version__}
     sink = SinkOptions(output=cfg.output, content_fingerprint=cfp, metadata=metadata,
                        embedding_dtype=cfg.embedding_dtype, storage_options=so, staging=staging.prefix)

@@ -11,6 +11,7 @@ forever. Storage errors are not a record's fault: they stop the run (nothing is 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -40,6 +41,9 @@ class Isolator:
         if shard["uri"] not in self._raw:
             self._raw = {shard["uri"]: read_shard(shard["uri"], shard["rel"], self.ropts)}  # one shard at a time
         return self._raw[shard["uri"]]
+
+    def ready(self) -> bool:
+        return True
 
     def count(self, shard: dict[str, Any]) -> int:
         return self._table(shard).num_rows
@@ -76,10 +80,21 @@ def isolate(failed: list[PieceWork], actor_options: dict[str, Any], actor_args: 
             progress: Callable[[str], None] = print) -> Isolation:
     """Rebuild the ``failed`` pieces slice by slice; quarantine the records that fail alone every time."""
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
     iso = Isolation()
     actor = ray.remote(Isolator).options(max_restarts=-1, max_task_retries=0, **actor_options).remote(**actor_args)
+
+    def wait_restarted() -> None:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                ray.get(actor.ready.remote(), timeout=60)
+                return
+            except (RayActorError, GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise PipelineError("the isolation actor did not come back after a crash within 300 s") from None
+                time.sleep(0.5)
 
     def call(method: str, *args: Any) -> tuple[bool, Any]:
         iso.calls += 1
@@ -87,6 +102,7 @@ def isolate(failed: list[PieceWork], actor_options: dict[str, Any], actor_args: 
             return True, ray.get(getattr(actor, method).remote(*args))
         except RayActorError as e:  # the worker process died (or its node went away)
             iso.crashes += 1
+            wait_restarted()  # so the next try meets a live actor, not the restart
             return False, f"the worker process died: {str(e).splitlines()[0][:300]}"
         except RayTaskError as e:
             if _is_storage_error(e):

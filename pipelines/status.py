@@ -8,8 +8,8 @@ from operators.errors import InputError
 from operators.storage import get_fs, join, retry
 from pipelines.manifest import load_manifest
 
-RUN_FIELDS = ("run_id", "status", "started", "finished", "shards_processed", "shards_skipped", "rows_in", "rows_out",
-              "error_rows", "rows_per_second", "snapshot")
+RUN_FIELDS = ("run_id", "command", "status", "started", "finished", "shards_processed", "shards_skipped",
+              "shards_adopted", "rows_in", "rows_out", "error_rows", "quarantined", "rows_per_second", "snapshot")
 
 
 def output_status(output: str, storage_options: dict[str, Any] | None = None, last_runs: int = 20) -> dict[str, Any]:
@@ -27,7 +27,12 @@ def output_status(output: str, storage_options: dict[str, Any] | None = None, la
             "data_files": len(manifest["files"]), "rows": manifest["rows"], "error_rows": manifest["error_rows"],
             "bytes": sum(f.get("bytes", 0) for f in manifest["files"]),
         }
-    return {"output": output, "published": published, "runs": runs}
+    from pipelines.lease import is_stale, read_lease
+
+    holder = read_lease(output, storage_options)
+    running = None if holder is None else {"run_id": holder.run_id, "host": holder.host, "pid": holder.pid,
+                                           "stale": is_stale(holder), "what": holder.describe()}
+    return {"output": output, "published": published, "running": running, "runs": runs}
 
 
 def _runs(output: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:

@@ -1,0 +1,243 @@
+"""Exactly once, whatever dies when: real SIGKILLs of real `featx` processes, real local Ray, local disk and S3.
+
+Each kill test runs `featx embed` in a child process (its own local Ray) that dies by SIGKILL at a named
+step of the protocol (``FEATX_FAILPOINTS``, see operators/faults.py) or from outside, then reruns the job
+and checks the table holds exactly one row per input record, with the same vectors as a clean run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from operators.faults import once_marker
+from operators.storage import list_files
+from pipelines.config import build_config
+from pipelines.embed import run_embed
+from pipelines.manifest import load_manifest
+from pipelines.query import read_table
+from pipelines.sample_data import write_text_shards
+from tests.conftest import upload
+
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
+
+SHARDS, ROWS = 12, 48  # 4 records per shard; piece_max_shards=1: one piece per shard
+
+
+def _input(folder: Path) -> set[str]:
+    write_text_shards(folder, fmt="jsonl", shards=SHARDS, max_per_topic=8, limit=ROWS)
+    keys = set()
+    for f in sorted(folder.glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            keys.add(f"{f.name}#{json.loads(line)['id']}")
+    return keys
+
+
+def _cfg(input_uri: str, output: str, tiny_bert: str, **extra: Any) -> dict[str, Any]:
+    return {"input": input_uri, "format": "jsonl", "output": output, "model": f"hf:{tiny_bert}", "key_column": "id",
+            "passthrough": ["label"], "piece_max_shards": 1, "journal_interval_s": 0, "num_cpus": 1,
+            "preprocess_num_cpus": 1, **extra}
+
+
+def _child_env(failpoints: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    if failpoints:
+        env["FEATX_FAILPOINTS"] = failpoints
+    return env
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Kill what is left of a dead driver's own local Ray (its agents outlive a SIGKILLed driver)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _featx(tmp_path: Path, cfg: dict[str, Any], failpoints: str | None = None, command: str = "embed",
+           timeout: int = 300) -> subprocess.CompletedProcess:
+    path = tmp_path / f"job-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", command, "--config", str(path)],
+                            env=_child_env(failpoints), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        _reap(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _check_exact(output: str, keys: set[str], errors: set[str] = frozenset(), storage_options: dict | None = None) -> Any:
+    m = load_manifest(output, storage_options)
+    assert m is not None
+    table = read_table(output, storage_options)
+    got = table["key"].to_pylist()
+    assert len(got) == len(set(got)), "a row was published twice"
+    assert set(got) == keys - set(errors), "rows lost or foreign rows"
+    assert m["rows"] == len(keys) - len(errors) and m["error_rows"] == len(errors)
+    return table.sort_by("key")
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert: str) -> dict[str, Any]:
+    """One uninterrupted run: the reference every interrupted run must end up equal to."""
+    root = tmp_path_factory.mktemp("clean")
+    keys = _input(root / "in")
+    run_embed(build_config(None, _cfg(str(root / "in"), str(root / "out"), tiny_bert)), progress=lambda m: None)
+    return {"keys": keys, "table": read_table(str(root / "out")).sort_by("key")}
+
+
+def _same_vectors(table: Any, clean: Any) -> None:
+    assert table["key"].to_pylist() == clean["key"].to_pylist()
+    np.testing.assert_allclose(np.array(table["embedding"].to_pylist()), np.array(clean["embedding"].to_pylist()),
+                               atol=1e-5)
+
+
+def test_driver_killed_during_embedding_resumes_without_redoing_finished_pieces(
+        tmp_path: Path, tiny_bert: str, clean_run: dict[str, Any]) -> None:
+    keys = _input(tmp_path / "in")
+    out = str(tmp_path / "out")
+    cfg = _cfg(str(tmp_path / "in"), out, tiny_bert)
+    killed = _featx(tmp_path, cfg, failpoints="driver:journal@4")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert load_manifest(out) is None  # nothing published by the dead run
+    journal = [f for f in list_files(f"{out}/_staging") if "/journal/" in f]
+    assert len(journal) == 4
+    report = run_embed(build_config(None, cfg), progress=lambda m: None)
+    assert report["pieces_adopted"] == 4 and report["shards_adopted"] == 4
+    assert report["shards_processed"] == SHARDS - 4  # the finished pieces were not embedded again
+    assert report["lease_taken_over"]  # the dead driver's lease, taken over at once (same host, pid gone)
+    _same_vectors(_check_exact(out, keys), clean_run["table"])
+    assert list_files(f"{out}/_staging") == []  # the crashed run's garbage is gone
+
+
+def test_driver_killed_from_outside_mid_run_on_s3(tmp_path: Path, tiny_bert: str, s3_fs: Any, s3_bucket: str,
+                                                  clean_run: dict[str, Any]) -> None:
+    keys = _input(tmp_path / "in")
+    src = upload(s3_fs, tmp_path / "in", s3_bucket, "in")
+    out = f"s3://{s3_bucket}/out"
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(_cfg(src, out, tiny_bert)))
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "embed", "--config", str(path)],
+                            env=_child_env(None), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        s3_fs.invalidate_cache()
+        if any("/journal/" in f for f in list_files(f"{out}/_staging")):
+            proc.send_signal(signal.SIGKILL)  # a real kill at an arbitrary moment of the streaming pass
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    _reap(proc)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    s3_fs.invalidate_cache()
+    report = run_embed(build_config(None, _cfg(src, out, tiny_bert)), progress=lambda m: None)
+    assert report["pieces_adopted"] >= 1 and report["shards_processed"] + report["shards_adopted"] == SHARDS
+    table = _check_exact(out, keys)
+    _same_vectors(table, clean_run["table"])
+    s3_fs.invalidate_cache()
+    assert not s3_fs.exists(f"{s3_bucket}/out/_staging") or s3_fs.find(f"{s3_bucket}/out/_staging") == []
+
+
+@pytest.mark.parametrize("point,where", [("commit-mid-move", "s3"), ("commit-before-manifest", "s3"),
+                                         ("commit-after-manifest", "local")])
+def test_driver_killed_during_commit(point: str, where: str, tmp_path: Path, tiny_bert: str, s3_fs: Any,
+                                     s3_bucket: str, clean_run: dict[str, Any]) -> None:
+    keys = _input(tmp_path / "in")
+    out = str(tmp_path / "out") if where == "local" else f"s3://{s3_bucket}/out"
+    # a first snapshot, then a refresh that adds two shards is killed while committing
+    for extra in ("part-00010.jsonl", "part-00011.jsonl"):
+        (tmp_path / extra).write_bytes((tmp_path / "in" / extra).read_bytes())
+        (tmp_path / "in" / extra).unlink()
+    src = str(tmp_path / "in") if where == "local" else upload(s3_fs, tmp_path / "in", s3_bucket, "in")
+    cfg = _cfg(src, out, tiny_bert)
+    first = run_embed(build_config(None, cfg), progress=lambda m: None)
+    old_keys = {k for k in keys if not k.startswith(("part-00010", "part-00011"))}
+    _check_exact(out, old_keys)
+    for extra in ("part-00010.jsonl", "part-00011.jsonl"):
+        (tmp_path / "in" / extra).write_bytes((tmp_path / extra).read_bytes())
+    if where == "s3":
+        upload(s3_fs, tmp_path / "in", s3_bucket, "in")
+    killed = _featx(tmp_path, cfg, failpoints=f"driver:{point}", command="refresh")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    if where == "s3":
+        s3_fs.invalidate_cache()
+    m = load_manifest(out)
+    if point == "commit-after-manifest":
+        assert m["snapshot"] == 2  # the commit itself was done: published, garbage left behind
+        _check_exact(out, keys)
+    else:
+        # readers that follow the manifest still see exactly the first snapshot, though new files exist
+        assert m["snapshot"] == first["snapshot"] == 1
+        _check_exact(out, old_keys)
+        if point == "commit-mid-move":
+            assert len(list_files(f"{out}/data")) > len(m["files"])  # moved, unlisted, invisible
+    report = run_embed(build_config(None, cfg), progress=lambda m: None)
+    if point == "commit-after-manifest":
+        assert report["shards_processed"] == 0 and report["snapshot"] == 2 and report["lease_taken_over"]
+    else:
+        assert report["pieces_adopted"] == 2 and report["shards_processed"] == 0 and report["snapshot"] == 2
+    _same_vectors(_check_exact(out, keys), clean_run["table"])
+    if where == "s3":
+        s3_fs.invalidate_cache()
+    assert list_files(f"{out}/_staging") == []
+    published = {f["path"] for f in load_manifest(out)["files"]}
+    first_files = {f["path"] for f in json.loads(_read(out, "_manifests/00000001.json"))["files"]}
+    assert {f"data/{p}" for p in list_files(f"{out}/data")} == published | first_files  # no garbage data files
+
+
+def _read(output: str, rel: str) -> bytes:
+    from operators.storage import read_bytes
+
+    body = read_bytes(f"{output}/{rel}")
+    assert body is not None, rel
+    return body
+
+
+def test_embedding_actor_killed_mid_run_is_replaced(tmp_path: Path, tiny_bert: str, clean_run: dict[str, Any]) -> None:
+    keys = _input(tmp_path / "in")
+    out = str(tmp_path / "out")
+    victim = sorted(keys)[20]
+    marker = once_marker(victim)
+    if os.path.exists(marker):
+        os.remove(marker)
+    done = _featx(tmp_path, _cfg(str(tmp_path / "in"), out, tiny_bert), failpoints=f"crash-embed-once:{victim}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert os.path.exists(marker)  # the actor really died once
+    os.remove(marker)
+    report = json.loads(Path(out, "_report.json").read_text())
+    assert report["quarantined"] == 0 and report["rows_out"] == len(keys)
+    _same_vectors(_check_exact(out, keys), clean_run["table"])
+
+
+def test_record_that_kills_its_worker_every_time_is_quarantined(tmp_path: Path, tiny_bert: str,
+                                                                clean_run: dict[str, Any]) -> None:
+    keys = _input(tmp_path / "in")
+    out = str(tmp_path / "out")
+    poison = sorted(keys)[5]
+    cfg = _cfg(str(tmp_path / "in"), out, tiny_bert, max_error_fraction=0.05, max_task_retries=1)
+    done = _featx(tmp_path, cfg, failpoints=f"crash-key:{poison}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(Path(out, "_report.json").read_text())
+    assert report["quarantined"] == 1 and report["error_rows"] == 1 and report["rows_out"] == len(keys) - 1
+    table = _check_exact(out, keys, errors={poison})
+    clean = clean_run["table"]
+    _same_vectors(table, clean.filter(np.array([k != poison for k in clean["key"].to_pylist()])))
+    m = load_manifest(out)
+    import pyarrow.parquet as pq
+
+    errs = pq.read_table(Path(out) / m["error_files"][0]["path"]).to_pylist()
+    assert [(e["key"], e["stage"], e["error_type"]) for e in errs] == [(poison, "worker", "WorkerCrashed")]
+    assert "failed 2 times alone" in errs[0]["message"]
