@@ -1,6 +1,6 @@
 """Parquet sink: one embedded piece -> one data file (+ one error file when rows failed).
 
-File names are deterministic: the piece id (from its shards' paths, sizes and
+File names are deterministic: the piece id (from its shards' URIs, sizes and
 fingerprints), the content fingerprint (model, preprocessing, dtype, read
 options) and the rows' key range, so a rerun of the same input with the same
 settings writes the same names. A run writes under its own staging prefix

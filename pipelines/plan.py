@@ -31,7 +31,7 @@ def _closes(rel: str, k: int) -> bool:
 
 
 def piece_id(shards: list[Shard] | tuple[Shard, ...]) -> str:
-    return short_hash(*[f"{s.rel}|{s.size}|{s.fingerprint}" for s in shards], n=16)
+    return short_hash(*[f"{s.uri}|{s.size}|{s.fingerprint}" for s in shards], n=16)
 
 
 def plan_pieces(shards: list[Shard], max_shards: int = 256, target_bytes: int = 64 << 20) -> list[Piece]:

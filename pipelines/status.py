@@ -13,9 +13,12 @@ RUN_FIELDS = ("run_id", "command", "status", "started", "finished", "shards_proc
 
 
 def output_status(output: str, storage_options: dict[str, Any] | None = None, last_runs: int = 20) -> dict[str, Any]:
+    from pipelines.lease import is_stale, read_lease
+
     manifest = load_manifest(output, storage_options)
     runs = _runs(output, storage_options)[-last_runs:]
-    if manifest is None and not runs:
+    holder = read_lease(output, storage_options)
+    if manifest is None and not runs and holder is None:
         raise InputError(f"nothing at {output!r}: no _manifest.json and no run reports; check the URI")
     published = None
     if manifest is not None:
@@ -27,9 +30,6 @@ def output_status(output: str, storage_options: dict[str, Any] | None = None, la
             "data_files": len(manifest["files"]), "rows": manifest["rows"], "error_rows": manifest["error_rows"],
             "bytes": sum(f.get("bytes", 0) for f in manifest["files"]),
         }
-    from pipelines.lease import is_stale, read_lease
-
-    holder = read_lease(output, storage_options)
     running = None if holder is None else {"run_id": holder.run_id, "host": holder.host, "pid": holder.pid,
                                            "stale": is_stale(holder), "what": holder.describe()}
     return {"output": output, "published": published, "running": running, "runs": runs}

@@ -60,3 +60,33 @@ def test_redact_hides_secret_values_only() -> None:
     assert red["key"] == red["secret"] == red["token"] == red["account_key"] == red["sas_token"] == "***"
     assert red["client_kwargs"] == {"endpoint_url": "http://h:1"} and red["anon"] is False
     assert red["config_kwargs"]["aws_session_token"] == "***"
+
+
+def test_exclusive_create_move_and_delete_local_and_s3(tmp_path: Path, s3_fs: Any, s3_bucket: str) -> None:
+    from operators.storage import create_exclusive, delete, list_files, move, read_bytes
+
+    for root in (str(tmp_path / "o"), f"s3://{s3_bucket}/o"):
+        assert create_exclusive(f"{root}/lock", b"1") is True
+        assert create_exclusive(f"{root}/lock", b"2") is False  # refused, not overwritten, not retried
+        assert read_bytes(f"{root}/lock") == b"1"
+        write_bytes(f"{root}/stage/a.bin", b"abc")
+        move(f"{root}/stage/a.bin", f"{root}/final/a.bin")
+        move(f"{root}/stage/a.bin", f"{root}/final/a.bin")  # done already (a crashed commit): fine
+        assert read_bytes(f"{root}/final/a.bin") == b"abc" and read_bytes(f"{root}/stage/a.bin") is None
+        with pytest.raises(FileNotFoundError):
+            move(f"{root}/stage/missing.bin", f"{root}/final/missing.bin")
+        assert list_files(root) == ["final/a.bin", "lock"]
+        delete([f"{root}/final/a.bin", f"{root}/lock", f"{root}/never-there"])
+        assert list_files(root) == []
+
+
+def test_content_fingerprint_ignores_mtime(tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "a.jsonl").write_text("same\n")
+    first = list_shards(str(tmp_path), (".jsonl",), fingerprint="content")[0]
+    os.utime(tmp_path / "a.jsonl", (1, 1))  # a copy without -t: new mtime, same bytes
+    again = list_shards(str(tmp_path), (".jsonl",), fingerprint="content")[0]
+    assert first.fingerprint == again.fingerprint and first.fingerprint.startswith("blake2b:")
+    (tmp_path / "a.jsonl").write_text("different\n")
+    assert list_shards(str(tmp_path), (".jsonl",), fingerprint="content")[0].fingerprint != first.fingerprint
