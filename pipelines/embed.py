@@ -150,12 +150,13 @@ def load_pieces(batch: pa.Table, ropts: ReadOptions, pre: ImagePreprocess | Text
     return pa.concat_tables(out, promote_options="permissive") if len(out) > 1 else out[0]
 
 
-def init_ray(cfg: EmbedConfig) -> None:
+def init_ray(ray_address: str | None = None) -> None:
+    """Join the Ray cluster at ``ray_address`` (or RAY_ADDRESS), else start a local Ray; no-op when connected."""
     import ray
 
     if ray.is_initialized():
         return
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    address = ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
@@ -198,8 +199,10 @@ def piece_record(piece: Piece, parts: list[dict[str, Any]], carried: set[int] = 
              for i, r in enumerate(parts) if r.get("data_file")]
     errs = [{"path": r["error_file"], "rows": r["error_rows"], **({"carried": True} if i in carried else {})}
             for i, r in enumerate(parts) if r.get("error_file")]
+    dims = [r["dim"] for r in parts if r.get("rows")]
     return {"id": piece.id, "shards": [s.to_dict() for s in piece.shards], "files": files, "error_files": errs,
-            "rows": sum(f["rows"] for f in files), "error_rows": sum(e["rows"] for e in errs)}
+            "rows": sum(f["rows"] for f in files), "error_rows": sum(e["rows"] for e in errs),
+            "dim": max(dims) if dims else None}
 
 
 class _Tracker:
@@ -312,14 +315,12 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
     staging.flush()
 
     records = [tracker.records[w.piece.id] for w in todo] + list(adopted.values())
-    parts = [p for w in todo for p in tracker.records[w.piece.id]["parts"]]
     _account(report, todo, tracker, adopted)
     _check_error_budget(cfg, report, sink,
                         [p["error_file"] for p in _new_parts(todo, tracker) if p["error_file"]])
     changed = bool(records) or bool(removed) or previous is None or base is None
     if changed:
-        dims = {p["dim"] for p in parts if p["rows"]} | ({base["dim"]} if base and base.get("dim") else set())
-        dims |= {rec.get("dim") for rec in adopted.values() if rec.get("dim")}
+        dims = {r["dim"] for r in records if r.get("dim")} | ({base["dim"]} if base and base.get("dim") else set())
         if len(dims) > 1:
             raise PipelineError(f"pieces came back with different embedding dims {sorted(dims)}; nothing was published")
         dim = dims.pop() if dims else None
@@ -377,7 +378,7 @@ def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[Pie
     import ray.data
     from ray.data import ActorPoolStrategy, DataContext
 
-    init_ray(cfg)
+    init_ray(cfg.ray_address)
     report.resources = check_resources(cfg)
     carry_fn = ray.remote(num_cpus=0, max_retries=cfg.max_task_retries)(carry_piece)
     carry_queue = [(w.piece.id, list(w.carry)) for w in todo if w.carry]
@@ -412,7 +413,7 @@ def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[Pie
                     batch_format="pyarrow", num_cpus=cfg.preprocess_num_cpus,
                     # declared memory per task; differing from the actors' it also keeps Ray Data from fusing
                     # this CPU stage into the embedding actors, so the two stages scale apart
-                    memory=cfg.preprocess_memory_mb * (1 << 20),
+                    memory=cfg.preprocess_memory_mb * (1 << 20), resources=cfg.preprocess_resources or None,
                     max_retries=cfg.max_task_retries,  # a worker that dies on every try is not retried forever
                 )
                 ds = ds.map_batches(
@@ -426,7 +427,7 @@ def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[Pie
                     batch_size=None if not cfg.num_gpus else cfg.batch_size * 16,
                     batch_format="pyarrow", zero_copy_batch=True,
                     compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=report.resources["max_actors"]),
-                    num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None,
+                    num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None, resources=cfg.embed_resources or None,
                     max_restarts=-1, max_task_retries=cfg.max_task_retries,  # dead actors are replaced
                 )
                 # writes are small I/O-bound tasks: they take no CPU slot (so reads and actors keep theirs),
@@ -458,7 +459,8 @@ def _isolate(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, failed: list[
     expected = sum(r["rows"] + r["error_rows"] for rs in tracker.embed_parts.values() for r in rs)
     iso = isolate(
         failed,
-        actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus or None},
+        actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus or None,
+                       "resources": cfg.embed_resources or None},
         actor_args={"spec": spec, "ropts": read_options(cfg), "sink": sink, "batch_size": cfg.batch_size,
                     "precision": cfg.precision, "num_gpus": cfg.num_gpus,
                     "torch_threads": cfg.torch_threads or max(1, math.ceil(cfg.num_cpus))},
