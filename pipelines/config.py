@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +21,7 @@ TEXT_FORMATS: frozenset[str] = frozenset({"parquet", "jsonl"})
 IMAGE_FORMATS: frozenset[str] = frozenset({"images", "webdataset", "parquet-images"})
 
 CONFIG_DIR: Path = Path(__file__).parent / "configs"
+C = TypeVar("C", bound=BaseModel)
 
 
 class EmbedConfig(BaseModel):
@@ -73,6 +74,8 @@ class EmbedConfig(BaseModel):
     preprocess_num_cpus: float = Field(1.0, gt=0, description="CPUs per read/preprocess task")
     preprocess_memory_mb: int = Field(1024, ge=64, description="Memory reserved per read/preprocess task")
     torch_threads: int | None = Field(None, ge=1, description="Intra-op threads per actor (default: ceil(num_cpus))")
+    embed_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per embedding actor (pins actors to nodes that offer them)")
+    preprocess_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per read/preprocess task")
 
     # -- where to run
     ray_address: str | None = Field(None, description="Ray address; default: start a local Ray")
@@ -103,13 +106,126 @@ class EmbedConfig(BaseModel):
         return data
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+class TrainConfig(BaseModel):
+    """`featx train` (a head on an embeddings table) and the head part of `featx tune`."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    embeddings: str = Field(description="Output URI of a `featx embed` table (its published snapshot is read)")
+    label_column: str = Field("label", description="Passthrough column holding the class (string or int)")
+    output: str = Field(description="Folder for the trained head, metrics and plots")
+    head: Literal["linear", "mlp"] = "linear"
+    hidden: int = Field(256, ge=1, description="MLP hidden size")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    standardize: bool = Field(True, description="Scale each feature to zero mean, unit variance (train split statistics)")
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(256, ge=1, description="Rows per step per worker")
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    class_weighting: Literal["none", "balanced"] = Field("balanced", description="balanced: inverse class frequency in the loss")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of keys (by a stable hash) held out for validation")
+    split_column: str | None = Field(None, description="Column with train/val (or validation/test) per row; overrides val_fraction")
+    metric: Literal["accuracy", "macro_f1", "loss"] = Field("macro_f1", description="Validation metric for early stopping and the best checkpoint")
+    patience: int = Field(8, ge=1, description="Stop after this many epochs without a better validation metric")
+    adapt_to: str | None = Field(None, description="Target-domain embeddings table (unlabelled): CORAL-align the source features to it")
+    coral_eps: float = Field(1.0, gt=0, description="CORAL covariance regularisation, relative to the mean variance")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data parallel)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    seed: int = 0
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the embeddings; never logged")
+    ray_address: str | None = None
+
+    def public_dict(self) -> dict[str, Any]:
+        data = self.model_dump()
+        data["storage_options"] = redact(data["storage_options"])
+        return data
+
+
+class FinetuneConfig(BaseModel):
+    """`featx finetune`: a registry backbone + a new head, trained end to end on the raw shards."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    input: str = Field(description="Raw shards, as for `featx embed`")
+    format: InputFormat
+    label_column: str = Field("label", description="Column with the class; for format images, 'folder' = parent folder name")
+    text_column: str = "text"
+    image_column: str = "image"
+    key_column: str | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    output: str = Field(description="Folder for the fine-tuned backbone + head, metrics and plots")
+    model: str = "efficientnet-lite0"
+    weights: str | None = None
+    pooling: Literal["default", "mean", "cls", "avg", "token"] = "default"
+    max_length: int | None = Field(None, ge=1)
+    image_size: int | None = Field(None, ge=32, description="Train (and later embed) at this crop size instead of the model's")
+    trust_remote_code: bool = False
+    head: Literal["linear", "mlp"] = "linear"
+    hidden: int = Field(256, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(32, ge=1, description="Rows per step per worker")
+    lr_head: float = Field(1e-3, gt=0, description="Learning rate of the new head")
+    lr_backbone: float = Field(1e-4, gt=0, description="Learning rate of the unfrozen backbone layers (discriminative: lower)")
+    weight_decay: float = Field(1e-4, ge=0)
+    trainable_groups: int = Field(0, ge=-1, description="Backbone layer groups (counted from the top) trainable from the start; -1 = all")
+    unfreeze: dict[int, int] = Field(default_factory=lambda: {2: 2}, description="Gradual unfreezing: {epoch: trainable groups from then on}")
+    class_weighting: Literal["none", "balanced"] = "balanced"
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    split_column: str | None = None
+    metric: Literal["accuracy", "macro_f1", "loss"] = "macro_f1"
+    patience: int = Field(3, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast; fp16 needs a GPU (with a grad scaler)")
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    torch_threads: int | None = Field(None, ge=1)
+    seed: int = 0
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FinetuneConfig":
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision 'fp16' needs a GPU (use_gpu: true); use fp32 or bf16 on CPU")
+        return self
+
+    def public_dict(self) -> dict[str, Any]:
+        data = self.model_dump()
+        data["storage_options"] = redact(data["storage_options"])
+        return data
+
+
+class TuneConfig(BaseModel):
+    """`featx tune`: a grid search over head hyperparameters; each trial trains a head on the embeddings."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    train: TrainConfig = Field(description="The base head training job; grid values override its fields")
+    grid: dict[str, list[Any]] = Field(description="Field -> values, e.g. {lr: [1e-3, 1e-2], hidden: [128, 512]}")
+    cpus_per_trial: float = Field(1.0, gt=0)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_keys(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        allowed = {"lr", "weight_decay", "hidden", "dropout", "head", "batch_size", "epochs", "standardize",
+                   "class_weighting"}
+        bad = sorted(set(v) - allowed)
+        if bad:
+            raise ValueError(f"cannot search over {bad}; searchable: {sorted(allowed)}")
+        if not v or any(not isinstance(vals, list) or not vals for vals in v.values()):
+            raise ValueError("give each searched field a non-empty list of values")
+        return v
+
+
+def _format_validation_error(err: ValidationError, source: str, cls: type[BaseModel] | None = None) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(config)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            known = ", ".join(sorted(EmbedConfig.model_fields))
+            known = ", ".join(sorted((cls or EmbedConfig).model_fields))
             msg = f"unknown key; known keys: {known}"
         elif e["type"] == "missing":
             msg = "required, but not given (set it in the YAML or with --set)"
@@ -153,15 +269,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None, source: str | None = None
-) -> EmbedConfig:
-    """Defaults <- YAML file <- overrides, validated in one place."""
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, source: str | None = None,
+    cls: type[C] = EmbedConfig,  # type: ignore[assignment]
+) -> C:
+    """Defaults <- YAML file <- overrides, validated in one place (any of the job config classes)."""
     data: dict[str, Any] = load_yaml(path) if path else {}
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
-        return EmbedConfig(**data)
+        return cls(**data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source or str(path or "command line"))) from None
+        raise ConfigError(_format_validation_error(err, source or str(path or "command line"), cls)) from None
 
 
 def _drop_redacted(value: Any) -> Any:
@@ -190,5 +307,5 @@ def config_from_output(output: str, overrides: dict[str, Any] | None = None) -> 
         raise ConfigError(_format_validation_error(err, join(output, "_config.json"))) from None
 
 
-def dump_config(cfg: EmbedConfig) -> str:
+def dump_config(cfg: BaseModel) -> str:
     return json.dumps(cfg.public_dict(), indent=2, sort_keys=True)
