@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--rows-per-shard", type=int, default=1)
     ap.add_argument("--changed", type=float, default=0.01, help="fraction of shards rewritten before the refresh")
     ap.add_argument("--model", default="minilm-l6")
+    ap.add_argument("--max-length", type=int, default=None, help="tokenizer truncation (shorter: a quicker full run)")
     ap.add_argument("--ray-cpus", type=int, default=2)
     ap.add_argument("--full-rerun", action="store_true", help="also embed the changed input from scratch")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "refresh.json"))
@@ -98,7 +99,7 @@ def main() -> None:
 
         DataContext.get_current().enable_progress_bars = False
         base = {"input": str(inp), "format": "jsonl", "model": args.model, "key_column": "id",
-                "output": str(work / "out")}
+                "output": str(work / "out"), "max_length": args.max_length}
         steps = [step("full", build_config(None, base))]
         steps.append(step("refresh, nothing changed", build_config(None, base), "refresh"))
         rng = random.Random(1)
@@ -116,7 +117,7 @@ def main() -> None:
         assert refresh["published_rows"] == full["published_rows"] == args.shards * args.rows_per_shard
         result = {
             "benchmark": "refresh", "shards": args.shards, "rows_per_shard": args.rows_per_shard,
-            "changed_shards": n_changed, "model": args.model, "listing_seconds": round(listing_s, 3),
+            "changed_shards": n_changed, "model": args.model, "max_length": args.max_length, "listing_seconds": round(listing_s, 3),
             "steps": steps,
             "ratios": {"full_over_refresh_seconds": round(full["seconds"] / refresh["seconds"], 2),
                        "full_over_noop_refresh_seconds": round(full["seconds"] / steps[1]["seconds"], 2),

@@ -32,9 +32,8 @@ class Backbone:
             self._mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1)
             self._std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1)
 
-    @torch.inference_mode()
-    def embed_images(self, pixels: np.ndarray, precision: str = "fp32") -> np.ndarray:
-        """uint8 [B, H, W, 3] crops -> float32 [B, dim]. Normalisation runs here, on the device."""
+    def image_batch(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 [B, H, W, 3] crops -> the normalised float [B, 3, H, W] input, on the device."""
         assert isinstance(self.spec.preprocessing, ImagePreprocess)
         with warnings.catch_warnings():  # read-only Arrow buffers: never written in place below
             warnings.simplefilter("ignore", UserWarning)
@@ -42,8 +41,18 @@ class Backbone:
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
-        with _autocast(self.device, precision):
+        return ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+
+    def pooled(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Features with gradients (fine-tuning): the same pooling and normalisation as embedding."""
+        out = self.features(*inputs)
+        return torch.nn.functional.normalize(out.float(), p=2, dim=1) if self.spec.normalize else out
+
+    @torch.inference_mode()
+    def embed_images(self, pixels: np.ndarray, precision: str = "fp32") -> np.ndarray:
+        """uint8 [B, H, W, 3] crops -> float32 [B, dim]. Normalisation runs here, on the device."""
+        x = self.image_batch(pixels)
+        with autocast(self.device, precision):
             out = self.features(x)
         return self._finish(out)
 
@@ -52,7 +61,7 @@ class Backbone:
         """int [B, T] ids and mask -> float32 [B, dim]."""
         ids = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
         mask = torch.from_numpy(attention_mask).to(self.device, non_blocking=True)
-        with _autocast(self.device, precision):
+        with autocast(self.device, precision):
             out = self.features(ids, mask)
         return self._finish(out)
 
@@ -63,7 +72,7 @@ class Backbone:
         return out.cpu().numpy()
 
 
-def _autocast(device: torch.device, precision: str) -> Any:
+def autocast(device: torch.device, precision: str) -> Any:
     if precision == "fp32":
         return torch.autocast(device_type=device.type, enabled=False)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -283,3 +292,38 @@ def load_tokenizer(pre: TextPreprocess) -> Any:
         return AutoTokenizer.from_pretrained(pre.tokenizer, revision=pre.revision, trust_remote_code=pre.trust_remote_code)
     except Exception as e:
         raise ModelLoadError(f"loading the tokenizer {pre.tokenizer!r} failed ({type(e).__name__}: {e})") from e
+
+
+# ---- layer groups for fine-tuning ----------------------------------------------------------------
+
+STACKS = ("blocks", "encoder.layer", "encoder.layers", "layers", "stages", "0")  # main stacks, by name
+
+
+def layer_groups(module: torch.nn.Module) -> list[tuple[str, list[str]]]:
+    """The backbone's parameters in groups from input to output: stem, each block of its main stack, top.
+
+    The main stack is found by name (timm's ``blocks``/``stages``, BERT's ``encoder.layer``, torchvision
+    ViT's ``encoder.layers``, VGG's convolutional base); models without one (ResNet) are grouped by their
+    top-level children (``conv1``, ``bn1``, ``layer1``..``layer4``). Freezing "all but the top k groups"
+    and gradual unfreezing then mean the same for every registry backbone.
+    """
+    names = [n for n, _ in module.named_parameters()]
+    subs = dict(module.named_modules())
+    best = next((s for s in STACKS if isinstance(subs.get(s), (torch.nn.ModuleList, torch.nn.Sequential))
+                 and len(subs[s]) >= 2), None)
+    if best is None:
+        children = [n for n, c in module.named_children()]
+        groups = [(c, [n for n in names if n.startswith(c + ".")]) for c in children]
+        return [g for g in groups if g[1]]
+    stack = best + "."
+    blocks: dict[str, list[str]] = {}
+    stem: list[str] = []
+    top: list[str] = []
+    for n in names:
+        if n.startswith(stack):
+            blocks.setdefault(f"{best}.{n[len(stack):].split('.', 1)[0]}", []).append(n)
+        elif not blocks:
+            stem.append(n)
+        else:
+            top.append(n)
+    return ([("stem", stem)] if stem else []) + list(blocks.items()) + ([("top", top)] if top else [])

@@ -190,7 +190,9 @@ _BUILTIN: dict[str, Callable[[], ModelSpec]] = {
     "vit-b-16": lambda: _tv("vit-b-16", "vit_b_16", 768, "token", choices=("token", "avg"),
                             desc="torchvision ViT-B/16, class-token features"),
 }
-PREFIXES: dict[str, str] = {"timm:": "any timm model by name, pooled features", "hf:": "a Hugging Face text encoder by hub id or folder"}
+PREFIXES: dict[str, str] = {"timm:": "any timm model by name, pooled features", "hf:": "a Hugging Face text encoder by hub id or folder",
+                            "finetuned:": "a backbone fine-tuned by `featx finetune` (its output folder)"}
+FINETUNED_CARD = "model.json"  # written by `featx finetune` beside the fine-tuned weights
 
 
 def known_models() -> dict[str, str]:
@@ -265,6 +267,8 @@ def resolve(name: str, options: ModelOptions | None = None) -> ModelSpec:
         spec = _timm_spec(name[5:])
     elif name.startswith("hf:") and len(name) > 3:
         spec = _hf_spec(name[3:])
+    elif name.startswith("finetuned:") and len(name) > 10:
+        return _finetuned_spec(name[10:], o)
     elif os.path.isdir(name) and os.path.exists(os.path.join(name, "config.json")):
         spec = _hf_spec(name)
     else:
@@ -292,6 +296,27 @@ def resolve(name: str, options: ModelOptions | None = None) -> ModelSpec:
                       revision=o.revision or pre.revision, trust_remote_code=o.trust_remote_code)
         changes["preprocessing"] = pre
     return replace(spec, **changes)
+
+
+def with_image_size(spec: ModelSpec, size: int | None) -> ModelSpec:
+    """The spec at another crop size (resize scaled alike): fine-tuning at a small size, and embedding with it."""
+    pre = spec.preprocessing
+    if size is None or not isinstance(pre, ImagePreprocess) or size == pre.crop:
+        return spec
+    return replace(spec, preprocessing=replace(pre, crop=size, resize=int(round(size * pre.resize / pre.crop))))
+
+
+def _finetuned_spec(folder: str, o: ModelOptions) -> ModelSpec:
+    """A `featx finetune` output: its base model with the fine-tuned weights and the crop size it was trained at."""
+    card = os.path.join(folder, FINETUNED_CARD)
+    if not os.path.isfile(card):
+        raise UnknownModelError(f"finetuned:{folder}: no {FINETUNED_CARD} there; point at a `featx finetune` output folder")
+    with open(card) as f:
+        meta = json.load(f)
+    weights = os.path.join(os.path.abspath(folder), meta["weights"])
+    base = resolve(meta["base"], replace(o, weights=weights, pooling=o.pooling if o.pooling != "default" else meta.get("pooling", "default")))
+    spec = with_image_size(base, meta.get("image_size"))
+    return replace(spec, name=f"finetuned:{folder}", description=f"{meta['base']} fine-tuned by featx ({folder})")
 
 
 def load(spec: ModelSpec, device: str = "cpu") -> "Any":

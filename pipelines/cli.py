@@ -120,6 +120,93 @@ def status(
     out.print(runs)
 
 
+def _job(cls: Any, config: Optional[str], overrides: dict[str, Any], set_: list[str]) -> Any:
+    from pipelines.config import build_config, dump_config, parse_set
+
+    overrides = {**overrides, **parse_set(set_)}
+    cfg = build_config(config, overrides, cls=cls)
+    console.print(f"[dim]resolved config:[/]\n{dump_config(cfg)}", highlight=False)
+    return cfg
+
+
+def _say(m: str) -> None:
+    console.print(m, highlight=False, markup=False)
+
+
+@app.command()
+def train(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config of the head training job"),
+    embeddings: Optional[str] = typer.Option(None, "--embeddings", help="Output URI of a featx embed table"),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Column holding the class"),
+    head: Optional[str] = typer.Option(None, "--head", help="linear | mlp"),
+    output: Optional[str] = typer.Option(None, "--output", help="Folder for the trained head and its metrics"),
+    adapt_to: Optional[str] = typer.Option(None, "--adapt-to", help="Unlabelled target-domain embeddings (CORAL)"),
+    set_: list[str] = typer.Option([], "--set", help="Override any config key: --set epochs=20"),
+) -> None:
+    """Train a linear probe or MLP head on embeddings with Ray Train."""
+    from pipelines.config import TrainConfig
+    from pipelines.train import run_train
+
+    try:
+        cfg = _job(TrainConfig, config, {"embeddings": embeddings, "label_column": label_column, "head": head,
+                                         "output": output, "adapt_to": adapt_to}, set_)
+        summary = run_train(cfg, progress=_say)
+    except FeatxError as e:
+        _fail(e)
+    print(json.dumps({k: summary[k] for k in ("best_epoch", "best", "epochs_run", "train_rows", "val_rows")}, indent=1))
+
+
+@app.command()
+def finetune(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config of the fine-tuning job"),
+    set_: list[str] = typer.Option([], "--set", help="Override any config key: --set epochs=6"),
+) -> None:
+    """Fine-tune a registry backbone + a new head end to end on raw shards (freezing, gradual unfreezing)."""
+    from pipelines.config import FinetuneConfig
+    from pipelines.finetune import run_finetune
+
+    try:
+        cfg = _job(FinetuneConfig, config, {}, set_)
+        summary = run_finetune(cfg, progress=_say)
+    except FeatxError as e:
+        _fail(e)
+    print(json.dumps({k: summary[k] for k in ("best_epoch", "best", "epochs_run", "registered_as")}, indent=1, default=str))
+
+
+@app.command()
+def tune(
+    config: str = typer.Option(..., "--config", "-c", help="YAML with `train:` (the base job) and `grid:`"),
+    output: Optional[str] = typer.Option(None, "--output", help="Folder for the trials table and the best config"),
+    set_: list[str] = typer.Option([], "--set", help="Override a top-level key: --set cpus_per_trial=0.5"),
+) -> None:
+    """Grid search over head hyperparameters with Ray Tune."""
+    from pipelines.config import TuneConfig
+    from pipelines.tune import run_tune
+
+    try:
+        cfg = _job(TuneConfig, config, {}, set_)
+        summary = run_tune(cfg, output or cfg.train.output, progress=_say)
+    except FeatxError as e:
+        _fail(e)
+    print(json.dumps({k: summary[k] for k in ("best_params", "best_value", "n_trials")}, indent=1, default=str))
+
+
+@app.command()
+def predict(
+    model: str = typer.Option(..., "--model", help="A `featx train` output folder (the head)"),
+    embeddings: str = typer.Option(..., "--embeddings", help="Output URI of a featx embed table"),
+    output: str = typer.Option(..., "--output", help="Where to write the predictions (Parquet)"),
+) -> None:
+    """Apply a trained head to an embeddings table: key, label, score, probabilities."""
+    from pipelines.predict import run_predict
+
+    try:
+        summary = run_predict(model, embeddings, output, progress=_say)
+    except FeatxError as e:
+        _fail(e)
+    print(json.dumps({k: summary[k] for k in ("rows", "output", "files")}, indent=1))
+
+
 @app.command()
 def demo(folder: str = typer.Option("featx-demo", "--dir", help="Where to write the sample data and outputs")) -> None:
     """Write a small real sample dataset, embed it with the offline default models, query it."""

@@ -398,7 +398,9 @@ def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[Pie
                 pid, sources = carry_queue.pop(0)
                 pending[carry_fn.remote(pid, sources, sink)] = pid
 
-    items = [{"piece": w.piece.id, "shards": json.dumps([s.to_dict() for s in w.embed])} for w in todo if w.embed]
+    work = [w for w in todo if w.embed]
+    items = [{"piece": w.piece.id, "shards": json.dumps([s.to_dict() for s in w.embed])} for w in work]
+    n_blocks = block_count([sum(s.size for s in w.embed) for w in work], report.resources["max_actors"])
     ctx = DataContext.get_current()
     saved_errored = ctx.max_errored_blocks
     ctx.max_errored_blocks = -1  # a block that fails after its retries comes back to isolation, not a crash
@@ -407,9 +409,9 @@ def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[Pie
             with warnings.catch_warnings():
                 # Ray 2.60 has no named parameter for retry counts yet; ray_remote_args still carry them
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-                ds = ray.data.from_items(items, override_num_blocks=len(items))
+                ds = ray.data.from_items(items, override_num_blocks=n_blocks)
                 ds = ds.map_batches(
-                    load_pieces, fn_args=(read_options(cfg), spec.preprocessing), batch_size=1,
+                    load_pieces, fn_args=(read_options(cfg), spec.preprocessing), batch_size=None,
                     batch_format="pyarrow", num_cpus=cfg.preprocess_num_cpus,
                     # declared memory per task; differing from the actors' it also keeps Ray Data from fusing
                     # this CPU stage into the embedding actors, so the two stages scale apart
@@ -449,6 +451,17 @@ def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[Pie
                             f"(finished pieces are journalled and a rerun adopts them): {e}") from e
     finally:
         ctx.max_errored_blocks = saved_errored
+
+
+def block_count(sizes: list[int], actors: int, min_block_bytes: int = 256 << 10) -> int:
+    """How many Ray Data blocks the pieces to embed travel in.
+
+    A piece of scan size is a block of its own; pieces smaller than ``min_block_bytes`` of input share
+    blocks (a refresh of a hundred one-line shards is a couple of blocks, not a hundred round trips), but
+    never fewer than two per actor while there are pieces enough, so every actor has work.
+    """
+    by_bytes = -(-sum(sizes) // max(1, min_block_bytes))
+    return max(1, min(len(sizes), max(by_bytes, 2 * max(1, actors))))
 
 
 def _isolate(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, failed: list[PieceWork], sink: SinkOptions,

@@ -36,9 +36,26 @@ def photo(name: str) -> np.ndarray:
     return np.ascontiguousarray(a[..., :3].astype(np.uint8))
 
 
-def crops(name: str, n: int, rng: np.random.Generator, half: str | None = None, size: int = 160) -> list[bytes]:
+def shift(a: np.ndarray, domain: str | None) -> np.ndarray:
+    """A domain shift of a photo: 'invert' (colours), 'gray', 'blur'; None leaves it."""
+    if domain in (None, "", "none"):
+        return a
+    if domain == "invert":
+        return 255 - a
+    if domain == "gray":
+        g = (a.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
+        return np.stack([g] * 3, axis=-1)
+    if domain == "blur":
+        from PIL import ImageFilter
+
+        return np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(4)))
+    raise ValueError(f"unknown domain shift {domain!r}; use invert, gray or blur")
+
+
+def crops(name: str, n: int, rng: np.random.Generator, half: str | None = None, size: int = 160,
+          domain: str | None = None) -> list[bytes]:
     """``n`` random square crops (as JPEG bytes) of a photo; ``half`` = 'left'/'right' restricts where."""
-    a = photo(name)
+    a = shift(photo(name), domain)
     h, w = a.shape[:2]
     x0, x1 = (0, w // 2) if half == "left" else (w // 2, w) if half == "right" else (0, w)
     out = []
@@ -128,6 +145,29 @@ def write_text_shards(folder: str | Path, fmt: str = "jsonl", shards: int = 4, m
 
             pq.write_table(pa.Table.from_pylist(part), path)
     return {"path": str(folder), "records": len(rows), "shards": shards}
+
+
+def write_transfer_images(folder: str | Path, train_per_class: int = 10, val_per_class: int = 10,
+                          photos: tuple[str, ...] = PHOTOS, domain: str | None = None, seed: int = 0,
+                          size: int = 160) -> dict[str, Any]:
+    """One class per bundled photo: training crops from its left half, validation crops from its right half.
+
+    Parquet with ``image`` (JPEG bytes), ``label`` and ``split`` columns; ``domain`` shifts every crop
+    (invert, gray, blur) for a target domain. Honest transfer-learning data that needs no download.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name in photos:
+        for split, half, n in (("train", "left", train_per_class), ("val", "right", val_per_class)):
+            for i, jpg in enumerate(crops(name, n, rng, half=half, size=size, domain=domain)):
+                rows.append({"id": f"{name}-{split}-{i}", "image": jpg, "label": name, "split": split})
+    pq.write_table(pa.Table.from_pylist(rows), folder / "part-00000.parquet")
+    return {"path": str(folder), "records": len(rows), "classes": len(photos)}
 
 
 def write_image_parquet(folder: str | Path, per_photo: int = 4, shards: int = 2, photos: tuple[str, ...] = PHOTOS,

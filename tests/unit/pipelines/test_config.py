@@ -15,14 +15,27 @@ def test_there_are_shipped_configs() -> None:
     assert {p.name for p in SHIPPED} >= {"text-minilm.yaml", "image-efficientnet.yaml"}
 
 
+def _kind(path: Path) -> type:
+    from pipelines.config import FinetuneConfig, TrainConfig, TuneConfig
+
+    return {"train": TrainConfig, "finetune": FinetuneConfig, "tune": TuneConfig}.get(path.name.split("-")[0], EmbedConfig)
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path: Path) -> None:
-    cfg = build_config(path)
-    assert isinstance(cfg, EmbedConfig)
-    from pipelines.embed import model_spec
+    cls = _kind(path)
+    cfg = build_config(path, cls=cls)
+    assert isinstance(cfg, cls)
+    if cls is EmbedConfig:
+        from pipelines.embed import model_spec
 
-    spec = model_spec(cfg)  # the model exists and matches the format
-    assert spec.modality == ("text" if cfg.is_text else "image")
+        spec = model_spec(cfg)  # the model exists and matches the format
+        assert spec.modality == ("text" if cfg.is_text else "image")
+    elif cls.__name__ == "FinetuneConfig":
+        from pipelines.finetune import model_spec as ft_spec
+
+        spec = ft_spec(cfg)
+        assert spec.modality == ("text" if cfg.format in ("jsonl", "parquet") else "image")
 
 
 def test_set_overrides_the_yaml() -> None:

@@ -33,3 +33,13 @@ def test_a_changed_fingerprint_changes_the_piece_id() -> None:
     s = _shards(["a.tar", "b.tar"])
     changed = [s[0], Shard(uri=s[1].uri, rel=s[1].rel, size=s[1].size, fingerprint="etag:new")]
     assert {p.id for p in plan_pieces(s)} != {p.id for p in plan_pieces(changed)}
+
+
+def test_small_pieces_share_blocks_but_every_actor_has_work() -> None:
+    from pipelines.embed import block_count
+
+    assert block_count([64 << 20] * 10, actors=2) == 10  # scan-sized pieces: one block each
+    assert block_count([200] * 100, actors=1) == 2  # a refresh of 100 tiny shards: 2 blocks, not 100
+    assert block_count([200] * 100, actors=4) == 8  # but at least two per actor
+    assert block_count([1 << 20] * 3, actors=4) == 3  # never more blocks than pieces
+    assert block_count([100 << 10] * 40, actors=1) == 16  # ~256 KB of input per block
