@@ -142,6 +142,9 @@ def prepare(cfg: TrainConfig) -> tuple[HeadSpec, dict[str, Any], list[str]]:
             raise InputError(f"adapt_to {cfg.adapt_to!r} was embedded with another model "
                              f"({tman['model'].get('model')}) than {cfg.embeddings!r} ({manifest['model'].get('model')})")
         target = tfiles
+    from pipelines.embed import init_ray
+
+    init_ray(cfg.ray_address)  # after the checks above: bad input fails before any Ray work
     src = _scan(files, cfg, dim, labelled=True, full_cov=target is not None)
     labels = label_map(src["train_counts"], src["val_counts"], cfg.label_column)
     counts = np.array([src["train_counts"][lab] for lab in labels])
@@ -301,10 +304,7 @@ def run_train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> dict
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.embed import init_ray
-
     t_start = time.perf_counter()
-    init_ray(cfg.ray_address)
     spec, info, files = prepare(cfg)
     progress(f"featx train: {info['train_rows']} training and {info['val_rows']} validation rows, "
              f"{spec.n_classes} classes, dim {spec.dim}, head {spec.kind}"

@@ -42,3 +42,22 @@ def test_bad_set_value_exits_2_naming_the_key(tmp_path: Path) -> None:
 def test_status_of_nothing_exits_2(tmp_path: Path) -> None:
     res = runner.invoke(app, ["status", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and "nothing at" in res.output
+
+
+def test_transfer_learning_commands_fail_clearly_before_ray(tmp_path: Path) -> None:
+    def run(*args: str) -> tuple[int, str]:
+        res = runner.invoke(app, list(args))
+        return res.exit_code, " ".join(res.output.split())  # rich wraps long lines
+
+    code, out = run("train", "--embeddings", str(tmp_path / "none"), "--output", str(tmp_path / "o"))
+    assert code == 2 and "no published featx table" in out and "featx embed" in out
+    code, out = run("predict", "--model", str(tmp_path), "--embeddings", str(tmp_path), "--output", str(tmp_path / "p"))
+    assert code == 2 and "not a trained featx head" in out
+    code, out = run("train", "--embeddings", "x", "--output", "y", "--set", "head=transformer")
+    assert code == 2 and "head" in out
+    cfg = tmp_path / "tune.yaml"
+    cfg.write_text("train: {embeddings: x, output: y}\ngrid: {momentum: [0.9]}\n")
+    code, out = run("tune", "--config", str(cfg))
+    assert code == 2 and "cannot search over ['momentum']" in out
+    for cmd in ("train", "finetune", "tune", "predict", "refresh"):
+        assert runner.invoke(app, [cmd, "--help"]).exit_code == 0
