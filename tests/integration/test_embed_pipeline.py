@@ -106,7 +106,7 @@ def test_each_format_local(fmt: str, tmp_path: Path, tiny_bert: str, tiny_resnet
 
 # every format s3 -> s3; the local <-> s3 mixes with the formats whose readers differ most
 OBJECT_CASES = [(f, "s3", "s3") for f in FORMATS] + [
-    ("images", "local", "s3"), ("webdataset", "s3", "local"), ("jsonl", "local", "s3"), ("jsonl", "s3", "local"),
+    ("images", "local", "s3"), ("webdataset", "s3", "local"),
 ]
 
 

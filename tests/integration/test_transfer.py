@@ -53,7 +53,7 @@ def _train(tables: dict[str, str], which: str, out: str, **extra: Any) -> dict[s
     from pipelines.train import run_train
 
     cfg = build_config(None, {"embeddings": tables[which], "label_column": "label", "split_column": "split",
-                              "output": out, "epochs": 30, "patience": 8, "num_workers": 2, **extra}, cls=TrainConfig)
+                              "output": out, "epochs": 30, "patience": 6, "num_workers": 2, **extra}, cls=TrainConfig)
     return run_train(cfg, progress=print)
 
 
@@ -138,25 +138,10 @@ def test_bad_training_input_fails_before_training(tables: dict[str, str], tmp_pa
     base = {"embeddings": tables["pretrained"], "output": str(tmp_path / "o"), "split_column": "split"}
     with pytest.raises(InputError, match="column 'species' is not in the embeddings table.*label"):
         prepare(build_config(None, {**base, "label_column": "species"}, cls=TrainConfig))
-    # a single class: embed one photo's crops only
-    one = tmp_path / "one"
-    write_transfer_images(one, 3, 3, photos=("coffee",), size=96)
-    emb = _embed(one, tmp_path / "emb-one", model="efficientnet-lite0")
+    # one class in the training split: the split column itself as the label (every training row says "train")
     with pytest.raises(InputError, match="needs at least 2"):
-        prepare(build_config(None, {**base, "embeddings": emb, "label_column": "label"}, cls=TrainConfig))
-    # a label only in the validation split
-    only_val = tmp_path / "only-val"
-    write_transfer_images(only_val, 3, 3, photos=("coffee", "brick"), size=96)
-    t = pq.read_table(only_val / "part-00000.parquet").to_pylist()
-    for r in t:
-        if r["label"] == "brick" and r["split"] == "val":
-            r["label"] = "horse"
-    import pyarrow as pa
-
-    pq.write_table(pa.Table.from_pylist(t), only_val / "part-00000.parquet")
-    emb2 = _embed(only_val, tmp_path / "emb-only-val", model="efficientnet-lite0")
-    with pytest.raises(InputError, match=r"\['horse'\] occur in the validation split but never in training"):
-        prepare(build_config(None, {**base, "embeddings": emb2, "label_column": "label"}, cls=TrainConfig))
+        prepare(build_config(None, {**base, "label_column": "split"}, cls=TrainConfig))
+    # (a label seen only in validation, an empty validation split, null labels: tests/unit/pipelines/test_labels.py)
     # a head applied to a table of another dim
     head_dir = tmp_path / "head"
     from operators.heads import HeadSpec, build_head, save_head
@@ -180,14 +165,14 @@ def test_finetune_efficientnet_freezes_unfreezes_and_registers(tables: dict[str,
     out = tmp_path / "ft"
     cfg = build_config(None, {"input": tables["src_input"], "format": "parquet-images", "label_column": "label",
                               "split_column": "split", "key_column": "id", "output": str(out),
-                              "model": "efficientnet-lite0", "image_size": 96, "epochs": 3, "batch_size": 32,
+                              "model": "efficientnet-lite0", "image_size": 96, "epochs": 2, "batch_size": 32,
                               "lr_head": 2e-3, "lr_backbone": 2e-4, "trainable_groups": 1, "unfreeze": {1: 2},
-                              "patience": 3, "num_workers": 2}, cls=FinetuneConfig)
+                              "patience": 2, "num_workers": 2}, cls=FinetuneConfig)
     summary = run_finetune(cfg, progress=print)
     hist = summary["history"]
-    assert [h["trainable_groups"] for h in hist] == [["top"], ["blocks.6", "top"], ["blocks.6", "top"]]
+    assert [h["trainable_groups"] for h in hist] == [["top"], ["blocks.6", "top"]]
     assert all(h["lr"] == {"backbone": 2e-4, "head": 2e-3} for h in hist)
-    print(f"\nfine-tuned EfficientNet-Lite0 at 96 px, 3 epochs: val accuracy "
+    print(f"\nfine-tuned EfficientNet-Lite0 at 96 px, 2 epochs: val accuracy "
           f"{[round(h['val_accuracy'], 3) for h in hist]} ({summary['seconds']:.0f} s)")
     before = load(resolve("efficientnet-lite0"), "cpu").module.state_dict()
     after = load_file(str(out / "backbone.safetensors"))
