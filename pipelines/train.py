@@ -63,8 +63,8 @@ def _split_flags(table: pa.Table, cfg: TrainConfig) -> np.ndarray:
 
 def scan_stats(files: list[str], cfg: TrainConfig, dim: int, labelled: bool, full_cov: bool) -> dict[str, Any]:
     """One Ray task's share of the pre-pass: label counts per split and moments of the training rows."""
-    cols = [C.KEY, C.EMBEDDING] + ([cfg.label_column] if labelled else []) + \
-        ([cfg.split_column] if labelled and cfg.split_column else [])
+    cols = list(dict.fromkeys([C.KEY, C.EMBEDDING] + ([cfg.label_column] if labelled else [])
+                              + ([cfg.split_column] if labelled and cfg.split_column else [])))
     train_counts: Counter = Counter()
     val_counts: Counter = Counter()
     n, s, sq = 0, np.zeros(dim), np.zeros(dim)
@@ -187,7 +187,7 @@ def datasets(files: list[str], spec: HeadSpec, cfg: TrainConfig) -> dict[str, An
     """Train and validation Ray Datasets streamed from the published files."""
     import ray.data
 
-    cols = [C.KEY, C.EMBEDDING, cfg.label_column] + ([cfg.split_column] if cfg.split_column else [])
+    cols = list(dict.fromkeys([C.KEY, C.EMBEDDING, cfg.label_column] + ([cfg.split_column] if cfg.split_column else [])))
     ds = ray.data.read_parquet(files, columns=cols, filesystem=_arrow_fs(files[0], cfg.storage_options))
     ds = ds.map_batches(_targets, fn_args=(spec.labels, cfg), batch_format="pyarrow", batch_size=None)
     # materialized once into the object store (spilling to disk when large), not re-read every epoch

@@ -28,7 +28,7 @@ from pipelines.train import Y, _keep, _open_table, _targets, better, embedding_m
 
 def load_arrays(files: list[str], spec: HeadSpec, cfg: TrainConfig) -> dict[str, np.ndarray]:
     """Ray task: the train/val features (before the scaler) and class indexes, as numpy arrays."""
-    cols = [C.KEY, C.EMBEDDING, cfg.label_column] + ([cfg.split_column] if cfg.split_column else [])
+    cols = list(dict.fromkeys([C.KEY, C.EMBEDDING, cfg.label_column] + ([cfg.split_column] if cfg.split_column else [])))
     parts: dict[bool, list[pa.Table]] = {False: [], True: []}
     for uri in files:
         t = _targets(_open_table(uri, cols, cfg.storage_options), spec.labels, cfg)
