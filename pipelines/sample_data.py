@@ -184,3 +184,45 @@ def write_image_parquet(folder: str | Path, per_photo: int = 4, shards: int = 2,
     for s in range(shards):
         pq.write_table(pa.Table.from_pylist(rows[s::shards]), os.path.join(folder, f"part-{s:05d}.parquet"))
     return {"path": str(folder), "records": len(rows), "shards": shards}
+
+
+def write_vector_table(output: str, vectors: np.ndarray, columns: dict[str, Any] | None = None,
+                       rows_per_file: int = 100_000, row_group_rows: int = 65_536, snapshot_of: dict[str, Any] | None = None,
+                       storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Publish generated vectors as a featx table (data files + manifest), without a model or Ray.
+
+    For search tests and the 1M-vector benchmark. ``columns``: extra passthrough columns (same length).
+    ``snapshot_of``: the previous manifest, to publish the next snapshot. Returns the manifest.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from operators import columns as C
+    from operators.storage import join, write_bytes
+    from pipelines.manifest import build_manifest, commit
+
+    n, dim = vectors.shape
+    snap = (snapshot_of or {}).get("snapshot", 0) + 1
+    model = {"model": "generated", "modality": "text", "dim": dim, "weights_fingerprint": "generated",
+             "preprocessing_fingerprint": "generated"}
+    pieces = []
+    for i, start in enumerate(range(0, n, rows_per_file)):
+        end = min(n, start + rows_per_file)
+        flat = pa.array(np.ascontiguousarray(vectors[start:end], dtype=np.float32).reshape(-1))
+        t = pa.table({C.KEY: [f"row-{j:08d}" for j in range(start, end)],
+                      C.SOURCE: [f"generated://{i:05d}"] * (end - start),
+                      C.EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, dim),
+                      **{k: pa.array(v[start:end]) for k, v in (columns or {}).items()}})
+        t = t.replace_schema_metadata({b"featx": json.dumps({**model, "dim": dim}).encode()})
+        sink = pa.BufferOutputStream()
+        pq.write_table(t, sink, row_group_size=row_group_rows)
+        path = f"data/generated-s{snap}-{i:05d}.parquet"
+        body = sink.getvalue().to_pybytes()
+        write_bytes(join(output, path), body, storage_options)
+        pieces.append({"id": f"generated-{i:05d}", "shards": [{"uri": f"generated://{i:05d}", "size": end - start}],
+                       "files": [{"path": path, "rows": end - start, "bytes": len(body)}], "error_files": []})
+    manifest = build_manifest(previous=snapshot_of, run_id=f"generated-{snap}", model=model, model_fingerprint="generated",
+                              content_fingerprint=f"generated-{snap}", dim=dim, embedding_dtype="float32",
+                              input_uri="generated://", input_format="parquet", pieces=pieces)
+    commit(output, manifest, storage_options)
+    return manifest

@@ -24,8 +24,17 @@ import pyarrow as pa
 from operators import columns as C
 from operators.coral import Moments, fit_coral
 from operators.errors import InputError, PipelineError
-from operators.heads import HeadSpec, build_head, eval_batch, features, save_head, scaler_from_moments, train_step
+from operators.heads import (
+    HeadSpec,
+    build_head,
+    eval_batch,
+    features,
+    save_head,
+    scaler_from_moments,
+    train_step,
+)
 from operators.metrics import class_weights, scores
+from operators.search import vectors_from_arrow
 from operators.storage import get_fs, retry
 from pipelines.config import TrainConfig
 from pipelines.labels import encode, is_val_by_column, is_val_by_hash, label_map
@@ -36,11 +45,7 @@ _WHAT = "training"
 CHECKPOINT_EVERY = 10  # epochs between checkpoints of the best head (and always at the end)
 
 
-def embedding_matrix(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
-    """fixed_size_list<float32|float16>[dim] -> float32 [N, dim] (zero-copy for float32 single chunks)."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    values = arr.flatten().to_numpy(zero_copy_only=False)
-    return np.asarray(values, dtype=np.float32).reshape(len(arr), dim)
+embedding_matrix = vectors_from_arrow  # fixed_size_list<float32|float16>[dim] -> float32 [N, dim]
 
 
 def _open_table(uri: str, columns: list[str], storage_options: dict[str, Any]) -> pa.Table:
@@ -225,8 +230,8 @@ def better(metric: str, value: float, best: float | None) -> bool:
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker: stream batches, step, all-reduce validation metrics, report, stop early together."""
-    import torch
     import ray.train
+    import torch
     from ray.train import Checkpoint
 
     spec: HeadSpec = config["spec"]
