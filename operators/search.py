@@ -46,17 +46,22 @@ def query_matrix(query: np.ndarray | list[float] | list[list[float]], dim: int, 
     return np.ascontiguousarray(q)
 
 
-def scores(matrix: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:
-    """Q x N scores where higher is better: cosine similarity, dot product, or minus the squared L2 distance."""
+def row_norms(matrix: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.einsum("ij,ij->i", matrix, matrix))
+
+
+def scores(matrix: np.ndarray, queries: np.ndarray, metric: str, norms: np.ndarray | None = None) -> np.ndarray:
+    """Q x N scores where higher is better: cosine similarity, dot product, or minus the squared L2 distance.
+
+    ``norms``: the rows' L2 norms when already known (cached tables)."""
     dots = queries @ matrix.T
     if metric == "dot":
         return dots
+    norms = row_norms(matrix) if norms is None else norms
     if metric == "cosine":
-        norms = np.linalg.norm(matrix, axis=1)
-        norms[norms == 0] = np.inf  # a zero vector is similar to nothing (score 0)
-        return dots / norms[None, :]
-    sq = np.einsum("ij,ij->i", matrix, matrix)
-    return 2 * dots - sq[None, :] - np.einsum("ij,ij->i", queries, queries)[:, None]
+        safe = np.where(norms == 0, np.inf, norms)  # a zero vector is similar to nothing (score 0)
+        return dots / safe[None, :]
+    return 2 * dots - (norms**2)[None, :] - np.einsum("ij,ij->i", queries, queries)[:, None]
 
 
 def reported(score: np.ndarray, metric: str) -> np.ndarray:

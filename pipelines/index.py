@@ -106,10 +106,10 @@ def build_index(output: str, kind: str = "ivf", metric: str = "cosine", nlist: i
     n, dim = table.rows, table.dim
     params: dict[str, Any]
     if kind == "ivf":
-        nlist = nlist or max(1, min(int(4 * np.sqrt(n)), n // 39 or 1))  # FAISS wants >= 39 training points per list
+        nlist = nlist or max(1, min(int(np.sqrt(n)), n // 39 or 1))  # FAISS wants >= 39 training points per list
         nprobe = nprobe or max(1, min(nlist, int(np.ceil(nlist / 16)) + 4))
         index = faiss.index_factory(dim, f"IVF{nlist},Flat", fmetric)
-        index.train(_sample(table, metric, max(nlist * 64, 10_000)))
+        index.train(_sample(table, metric, max(nlist * 40, 10_000)))
         index.nprobe = nprobe
         params = {"nlist": nlist, "nprobe": nprobe}
     else:
@@ -150,6 +150,24 @@ def _sample(table: "FeatxTable", metric: str, want: int) -> np.ndarray:
     return _prepared(np.concatenate(parts), metric)
 
 
+def _load(table: "FeatxTable", m: dict[str, Any]) -> Index | None:
+    """The index a metadata file describes, loaded once per table handle."""
+    cache = table.__dict__.setdefault("_indexes", {})
+    ident = (m["file"], m.get("built"))
+    if ident not in cache:
+        raw = read_bytes(join(table.output, INDEX_DIR, m["file"]), table.storage_options)
+        if raw is None:
+            return None
+        faiss = _faiss()
+        index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
+        if m["kind"] == "ivf":
+            faiss.extract_index_ivf(index).nprobe = int(m["params"]["nprobe"])
+        else:
+            index.hnsw.efSearch = int(m["params"]["efSearch"])
+        cache[ident] = Index(m["kind"], m["metric"], m, index)
+    return cache[ident]
+
+
 def find_index(table: "FeatxTable", metric: str, filtered: bool, use_index: bool | None) -> tuple[Index | None, str]:
     """The index to use for this snapshot and metric, or None with the reason the search is exact."""
     if use_index is False:
@@ -166,15 +184,9 @@ def find_index(table: "FeatxTable", metric: str, filtered: bool, use_index: bool
         note = "exact search: a row filter was given and the FAISS index cannot filter"
     elif fresh:
         m = fresh[0]
-        raw = read_bytes(join(table.output, INDEX_DIR, m["file"]), table.storage_options)
-        if raw is not None:
-            faiss = _faiss()
-            index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
-            if m["kind"] == "ivf":
-                faiss.extract_index_ivf(index).nprobe = int(m["params"]["nprobe"])
-            else:
-                index.hnsw.efSearch = int(m["params"]["efSearch"])
-            return Index(m["kind"], metric, m, index), (
+        index = _load(table, m)
+        if index is not None:
+            return index, (
                 f"approximate search with the {m['kind']} index built for snapshot {m['snapshot']} ({m['params']})")
         note = f"exact search: the index file {m['file']} is missing; run `featx index` again"
     elif metas:

@@ -220,3 +220,18 @@ def test_cli_query_sql_index(table_uri: str, data: tuple[np.ndarray, np.ndarray]
     assert res.exit_code == 0 and json.loads(res.stdout)["rows"] == N
     res = runner.invoke(app, ["query", table_uri, "--like", "row-00000009", "-k", "3", "--metric", "dot"])
     assert res.exit_code == 0 and "faiss-hnsw" in res.output
+
+
+def test_in_memory_cache_gives_the_same_answers_within_its_budget(table_uri: str, data: tuple[np.ndarray, np.ndarray]) -> None:
+    v, _ = data
+    q = v[[10, 20]] + 0.05
+    want = [brute(v, x, "l2", 6)[0] for x in q]
+    cached = featx.open(table_uri, cache_mb=64)
+    first = cached.search_many(q, 6, metric="l2", use_index=False, chunk_rows=500)
+    assert cached._cache is not None and sum(b[1].num_rows for b in cached._cache) == N
+    again = cached.search_many(q, 6, metric="l2", use_index=False, where="label <> 'cat'")
+    assert [h.keys for h in first] == want
+    labels = data[1]
+    assert [h.keys for h in again] == [brute(v, x, "l2", 6, labels != "cat")[0] for x in q]
+    small = featx.open(table_uri, cache_mb=0.1)  # the vectors do not fit: it keeps streaming
+    assert [h.keys for h in small.search_many(q, 6, metric="l2", use_index=False)] == want and small._cache is None
