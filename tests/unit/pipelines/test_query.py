@@ -179,7 +179,7 @@ def test_faiss_recall_and_stale_index(tmp_path: Path, data: tuple[np.ndarray, np
 def test_inspect_reports_health_duplicates_and_map(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
     v, labels = data
     out = str(tmp_path / "t")
-    m = write_vector_table(out, v[:600], {"label": labels[:600].tolist()}, rows_per_file=200)
+    write_vector_table(out, v[:600], {"label": labels[:600].tolist()}, rows_per_file=200)
     rep = inspect_table(out, color="label", plot=str(tmp_path / "map.png"))
     assert rep["healthy"] and rep["rows"] == 600 and rep["files"] == 3 and rep["duplicate_keys"]["count"] == 0
     norms = np.linalg.norm(v[:600], axis=1)
