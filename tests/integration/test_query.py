@@ -88,3 +88,21 @@ def test_cli_query_on_s3(s3_table: tuple[str, list[dict[str, Any]]]) -> None:
     assert res.exit_code == 0, res.output
     hits = json.loads(res.stdout)
     assert hits["hits"][0]["text"] == records[3]["text"] and hits["method"] == "exact" and hits["snapshot"] == 1
+
+
+def test_image_query_finds_the_same_image(tmp_path: Path, tiny_resnet_weights: str) -> None:
+    from pipelines.sample_data import write_image_files
+
+    write_image_files(tmp_path / "in", per_photo=2, photos=("chelsea", "coffee", "brick"))
+    out = str(tmp_path / "out")
+    run_embed(build_config(None, {"input": str(tmp_path / "in"), "format": "images", "output": out, "model": "resnet18",
+                                  "weights": tiny_resnet_weights}), progress=lambda m: None)
+    probe = tmp_path / "in" / "coffee" / "001.jpg"
+    res = CliRunner().invoke(app, ["query", out, "--image", str(probe), "-k", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    hits = json.loads(res.stdout)["hits"]
+    assert hits[0]["source_uri"].endswith("coffee/001.jpg") and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    t = featx.open(out)
+    with pytest.raises(InputError, match="query it with --image"):
+        t.search("a text query", k=2)
+    assert t.search(probe.read_bytes(), k=1).table["source_uri"][0].as_py().endswith("coffee/001.jpg")
