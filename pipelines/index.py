@@ -18,7 +18,7 @@ import pyarrow as pa
 from operators import columns as C
 from operators.errors import InputError
 from operators.search import METRICS, ROW, reported, vectors_from_arrow
-from operators.storage import delete, join, list_files, read_bytes, write_bytes
+from operators.storage import delete, get_fs, join, list_files, read_bytes, retry, write_bytes
 
 if TYPE_CHECKING:
     from pipelines.query import FeatxTable
@@ -125,7 +125,7 @@ def build_index(output: str, kind: str = "ivf", metric: str = "cosine", nlist: i
             "params": params, "file": f"{name}.faiss", "faiss_version": faiss.__version__,
             "build_seconds": round(time.perf_counter() - t0, 2), "built": time.time()}
     so = table.storage_options
-    write_bytes(join(output, INDEX_DIR, f"{name}.faiss"), faiss.serialize_index(index).tobytes(), so)
+    _store_index(faiss, index, join(output, INDEX_DIR, f"{name}.faiss"), so)
     write_bytes(join(output, INDEX_DIR, f"{name}.json"), json.dumps(meta, indent=1).encode(), so)  # written last
     old = [join(output, INDEX_DIR, p) for p in list_files(join(output, INDEX_DIR), so)
            if p.endswith((f"-{kind}-{metric}.json", f"-{kind}-{metric}.faiss")) and not p.startswith(name)]
@@ -133,6 +133,45 @@ def build_index(output: str, kind: str = "ivf", metric: str = "cosine", nlist: i
     progress(f"featx index: {kind} ({metric}) over {meta['rows']} rows of snapshot {table.snapshot} "
              f"-> {join(output, INDEX_DIR, name)}.faiss in {meta['build_seconds']} s")
     return meta
+
+
+def _store_index(faiss: Any, index: Any, uri: str, so: dict[str, Any]) -> None:
+    """Write through a local file (no in-memory copy of an index as large as the table), then put it in place."""
+    import os
+    import tempfile
+
+    fs, path = get_fs(uri, so)
+    if _local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        faiss.write_index(index, tmp)
+        os.replace(tmp, path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "index.faiss")
+        faiss.write_index(index, local)
+        retry(lambda: fs.put_file(local, path), f"uploading {uri!r}")
+
+
+def _read_index(faiss: Any, uri: str, so: dict[str, Any]) -> Any | None:
+    import os
+    import tempfile
+
+    fs, path = get_fs(uri, so)
+    if _local(fs):
+        return faiss.read_index(path) if os.path.exists(path) else None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "index.faiss")
+        try:
+            retry(lambda: fs.get_file(path, local), f"downloading {uri!r}")
+        except FileNotFoundError:
+            return None
+        return faiss.read_index(local)
+
+
+def _local(fs: Any) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
 
 
 def _prepared(m: np.ndarray, metric: str) -> np.ndarray:
@@ -155,11 +194,10 @@ def _load(table: "FeatxTable", m: dict[str, Any]) -> Index | None:
     cache = table.__dict__.setdefault("_indexes", {})
     ident = (m["file"], m.get("built"))
     if ident not in cache:
-        raw = read_bytes(join(table.output, INDEX_DIR, m["file"]), table.storage_options)
-        if raw is None:
-            return None
         faiss = _faiss()
-        index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
+        index = _read_index(faiss, join(table.output, INDEX_DIR, m["file"]), table.storage_options)
+        if index is None:
+            return None
         if m["kind"] == "ivf":
             faiss.extract_index_ivf(index).nprobe = int(m["params"]["nprobe"])
         else:

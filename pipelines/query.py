@@ -25,6 +25,7 @@ from operators.storage import get_fs, retry
 from pipelines.manifest import load_manifest, load_snapshot, published_files
 
 CHUNK_ROWS = 8192  # rows decoded and scored at a time: 8,192 x 384 float32 = 12 MiB
+CACHE_BLOCK_ROWS = 131072  # cached vectors are scored in blocks this large (fewer, bigger matrix products)
 
 
 @dataclass
@@ -261,18 +262,26 @@ class FeatxTable:
         if self._cache is not None:
             yield from self._cache
             return
-        budget, held, cache = self.cache_mb * (1 << 20), 0, []
+        budget, held = self.cache_mb * (1 << 20), 0
+        blocks: list[Any] | None = [] if budget else None
+        group: list[tuple[np.ndarray, pa.Table, np.ndarray]] = []
         for chunk in self.iter_batches(batch_rows=chunk_rows, with_row_numbers=True, prefetch=2):
             if chunk[C.EMBEDDING].null_count:
                 chunk = chunk.filter(chunk[C.EMBEDDING].is_valid())
             m = vectors_from_arrow(chunk[C.EMBEDDING], self.dim)
             item = (m, chunk.drop_columns([C.EMBEDDING]), row_norms(m))
-            if cache is not None and budget:
-                held += item[0].nbytes + item[1].nbytes
-                cache = cache + [(item[0].copy(), *item[1:])] if held <= budget else None  # over budget: stream
             yield item
-        if cache and budget:
-            self._cache = _blocks(cache)
+            if blocks is not None:
+                held += m.nbytes + item[1].nbytes
+                if held > budget:  # does not fit: keep streaming, drop what was gathered
+                    blocks, group = None, []
+                    continue
+                group.append(item)
+                if sum(g[1].num_rows for g in group) >= CACHE_BLOCK_ROWS:
+                    blocks.append(_block(group))
+                    group = []
+        if blocks is not None:
+            self._cache = blocks + ([_block(group)] if group else [])
 
     def _exact(self, q: np.ndarray, k: int, metric: str, where: Any, chunk_rows: int) -> list[pa.Table]:
         top = TopK(len(q), k)
@@ -307,18 +316,10 @@ class FeatxTable:
         return self._encoder.embed(text=text, image=image)
 
 
-def _blocks(chunks: list[tuple[np.ndarray, pa.Table, np.ndarray]], rows: int = 131072) -> list[tuple[np.ndarray, pa.Table, np.ndarray]]:
-    """Cached chunks merged into large blocks: fewer, bigger matrix products per search."""
-    out, group, n = [], [], 0
-    for c in chunks + [None]:  # type: ignore[list-item]
-        if c is None or (group and n + c[1].num_rows > rows):
-            out.append((np.concatenate([g[0] for g in group]), pa.concat_tables([g[1] for g in group]).combine_chunks(),
-                        np.concatenate([g[2] for g in group])))
-            group, n = [], 0
-        if c is not None:
-            group.append(c)
-            n += c[1].num_rows
-    return out
+def _block(group: list[tuple[np.ndarray, pa.Table, np.ndarray]]) -> tuple[np.ndarray, pa.Table, np.ndarray]:
+    """Cached chunks merged into one block (copies the vectors out of the Arrow buffers)."""
+    return (np.concatenate([g[0] for g in group]), pa.concat_tables([g[1] for g in group]).combine_chunks(),
+            np.concatenate([g[2] for g in group]))
 
 
 def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:

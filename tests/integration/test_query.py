@@ -82,12 +82,20 @@ def test_model_mismatch_is_refused(s3_table: tuple[str, list[dict[str, Any]]], t
     assert res.exit_code == 2 and "embedded differently" in " ".join(res.output.split())
 
 
-def test_cli_query_on_s3(s3_table: tuple[str, list[dict[str, Any]]]) -> None:
+def test_cli_query_and_index_on_s3(s3_table: tuple[str, list[dict[str, Any]]]) -> None:
     out, records = s3_table
     res = CliRunner().invoke(app, ["query", out, "--text", records[3]["text"], "-k", "2", "--json"])
     assert res.exit_code == 0, res.output
     hits = json.loads(res.stdout)
     assert hits["hits"][0]["text"] == records[3]["text"] and hits["method"] == "exact" and hits["snapshot"] == 1
+    res = CliRunner().invoke(app, ["index", out, "--kind", "ivf", "--metric", "l2"])  # stored on S3, read back
+    assert res.exit_code == 0, res.output
+    t = featx.open(out)
+    q = t.to_numpy()[:5] + 0.01
+    approx, exact = t.search_many(q, 4, metric="l2"), t.search_many(q, 4, metric="l2", use_index=False)
+    assert approx[0].method == "faiss-ivf" and [h.keys for h in approx] == [h.keys for h in exact]  # every list probed
+    res = CliRunner().invoke(app, ["sql", out, "SELECT count(*) AS n FROM embeddings", "--format", "json"])
+    assert res.exit_code == 0 and json.loads(res.stdout) == [{"n": 80}]
 
 
 def test_image_query_finds_the_same_image(tmp_path: Path, tiny_resnet_weights: str) -> None:
