@@ -1,6 +1,7 @@
 """Column names shared by the operators. Internal columns start with '_' and never reach the output."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pyarrow as pa
@@ -19,6 +20,8 @@ ERR_MSG = "_err_msg"
 T_READ = "_t_read"  # seconds the read of this row's piece took (same value on each row of a piece)
 T_PRE = "_t_preprocess"
 T_EMBED = "_t_embed"
+NODE_PRE = "_node_preprocess"  # Ray node id where the row was read and preprocessed
+NODE_EMBED = "_node_embed"  # Ray node id of the actor that embedded the row
 
 ERROR_FIELDS = (ERR_STAGE, ERR_TYPE, ERR_MSG)
 ERROR_SCHEMA = pa.schema(
@@ -30,6 +33,35 @@ ERROR_SCHEMA = pa.schema(
         pa.field("message", pa.string()),
     ]
 )
+
+
+def current_node_id() -> str:
+    """The Ray node id of this process (``local-<host>`` outside Ray: the inner loop also runs standalone)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray
+        pass
+    return f"local-{os.uname().nodename}"
+
+
+def tag_node(table: pa.Table, column: str, node_id: str | None = None) -> pa.Table:
+    """Record where a stage ran: one node id per row (dictionary-encoded, so it costs a few bytes per block)."""
+    node = node_id or current_node_id()
+    values = pa.DictionaryArray.from_arrays(pa.array([0] * table.num_rows, pa.int32()), pa.array([node], pa.string()))
+    return table.append_column(column, values)
+
+
+def node_counts(table: pa.Table, column: str) -> dict[str, int]:
+    """Rows per node id in ``column`` (empty when the column is absent)."""
+    if column not in table.column_names or not table.num_rows:
+        return {}
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(table[column].cast(pa.string()))
+    return {v["values"].as_py(): v["counts"].as_py() for v in counts}
 
 
 def is_internal(name: str) -> bool:

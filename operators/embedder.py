@@ -119,8 +119,9 @@ class EmbedActor:
         self.backbone = load(spec, device)
         self.batch_size = batch_size
         self.precision = precision
+        self.node_id = C.current_node_id()  # recorded on each row: the run report says where embedding ran
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if os.environ.get(FAULTS_ENV):  # kill tests only; one lookup otherwise
             crash_embed_once(table[C.KEY].to_pylist())
-        return embed_table(self.backbone, table, self.batch_size, self.precision)
+        return C.tag_node(embed_table(self.backbone, table, self.batch_size, self.precision), C.NODE_EMBED, self.node_id)

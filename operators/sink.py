@@ -12,7 +12,6 @@ type never reaches the file.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +37,8 @@ RESULT_SCHEMA = pa.schema(
         pa.field("t_preprocess", pa.float64()),
         pa.field("t_embed", pa.float64()),
         pa.field("t_write", pa.float64()),
-        pa.field("node_id", pa.string()),
+        pa.field("node_id", pa.string()),  # where the part was written
+        pa.field("stage_nodes", pa.string()),  # JSON {"preprocess": {node id: rows}, "embed": {...}}: counts only
     ]
 )
 
@@ -129,7 +129,9 @@ def _write_one(part: pa.Table, piece: str, opts: SinkOptions) -> dict[str, Any]:
         "error_rows": errs.num_rows, "bytes": nbytes, "dim": dim,
         "piece_rows": int(part[C.PIECE_ROWS][0].as_py()) if C.PIECE_ROWS in part.column_names else part.num_rows,
         "t_read": first(C.T_READ), "t_preprocess": first(C.T_PRE), "t_embed": first(C.T_EMBED),
-        "t_write": time.perf_counter() - t0, "node_id": _node_id(),
+        "t_write": time.perf_counter() - t0, "node_id": C.current_node_id(),
+        "stage_nodes": json.dumps({"preprocess": C.node_counts(part, C.NODE_PRE),
+                                   "embed": C.node_counts(part, C.NODE_EMBED)}),
     }
 
 
@@ -182,7 +184,7 @@ def carry_piece(piece: str, sources: list[dict[str, Any]], opts: SinkOptions) ->
     err_rows = bad.num_rows if bad is not None else 0
     return {"piece": piece, "data_file": data_file, "rows": rows, "error_file": error_file, "error_rows": err_rows,
             "bytes": nbytes, "piece_rows": rows + err_rows, "dim": dim, "t_read": 0.0, "t_preprocess": 0.0,
-            "t_embed": 0.0, "t_write": time.perf_counter() - t0, "node_id": _node_id()}
+            "t_embed": 0.0, "t_write": time.perf_counter() - t0, "node_id": C.current_node_id()}
 
 
 def write_error_rows(piece: str, rows: list[dict[str, Any]], opts: SinkOptions) -> dict[str, Any]:
@@ -193,16 +195,5 @@ def write_error_rows(piece: str, rows: list[dict[str, Any]], opts: SinkOptions) 
     write_bytes(opts.staged(error_file), _parquet_bytes(t, None), opts.storage_options)
     return {"piece": piece, "data_file": None, "rows": 0, "error_file": error_file, "error_rows": t.num_rows,
             "bytes": 0, "piece_rows": t.num_rows, "dim": 0, "t_read": 0.0, "t_preprocess": 0.0, "t_embed": 0.0,
-            "t_write": 0.0, "node_id": _node_id()}
-
-
-def _node_id() -> str:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.get_runtime_context().get_node_id()
-    except Exception:  # outside Ray: the inner loop runs standalone too
-        pass
-    return f"local-{os.uname().nodename}"
+            "t_write": 0.0, "node_id": C.current_node_id()}
 

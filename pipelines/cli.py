@@ -229,6 +229,17 @@ def models() -> None:
     Console().print(t)
 
 
+def _register_cluster_commands() -> None:
+    """`featx submit` and `featx jobs` (pipelines/submit.py): run featx on a Ray cluster via the Jobs API."""
+    from pipelines.submit import jobs_app, submit_command
+
+    app.command("submit", context_settings={"allow_interspersed_args": False})(submit_command)
+    app.add_typer(jobs_app, name="jobs")
+
+
+_register_cluster_commands()
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -77,6 +77,7 @@ class RunReport:
     seconds_to_first_result: float | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed over tasks/actors
     nodes: dict[str, int] = field(default_factory=dict)  # node id -> parts written there
+    stage_nodes: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> node id -> rows it handled there
     resources: dict[str, Any] = field(default_factory=dict)
     operators: list[str] = field(default_factory=list)  # Ray Data's physical operators, as executed
     cleanup: dict[str, int] = field(default_factory=dict)
@@ -131,7 +132,8 @@ def prepare_rows(raw: pa.Table, piece: str, pre: ImagePreprocess | TextPreproces
     table = table.append_column(C.PIECE, pa.array([piece] * n, pa.string()))
     table = table.append_column(C.PIECE_ROWS, pa.array([n] * n, pa.int64()))
     table = table.append_column(C.T_READ, pa.array([t_read] * n, pa.float64()))
-    return table.append_column(C.T_PRE, pa.array([time.perf_counter() - t1] * n, pa.float64()))
+    table = table.append_column(C.T_PRE, pa.array([time.perf_counter() - t1] * n, pa.float64()))
+    return C.tag_node(table, C.NODE_PRE)
 
 
 def load_piece(piece_shards: list[dict[str, Any]], piece: str, ropts: ReadOptions,
@@ -150,8 +152,12 @@ def load_pieces(batch: pa.Table, ropts: ReadOptions, pre: ImagePreprocess | Text
     return pa.concat_tables(out, promote_options="permissive") if len(out) > 1 else out[0]
 
 
-def init_ray(ray_address: str | None = None) -> None:
-    """Join the Ray cluster at ``ray_address`` (or RAY_ADDRESS), else start a local Ray; no-op when connected."""
+def init_ray(ray_address: str | None = None, local_resources: dict[str, float] | None = None) -> None:
+    """Join the Ray cluster at ``ray_address`` (or RAY_ADDRESS), else start a local Ray; no-op when connected.
+
+    ``local_resources``: custom resources a local Ray offers. A local Ray is one node, so it offers the
+    resources that a cluster config pins its stages with, and that config runs here unchanged.
+    """
     import ray
 
     if ray.is_initialized():
@@ -160,7 +166,7 @@ def init_ray(ray_address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=False, log_to_driver=True, resources=local_resources or None)
 
 
 def check_resources(cfg: EmbedConfig) -> dict[str, Any]:
@@ -369,6 +375,19 @@ def _account(report: RunReport, todo: list[PieceWork], tracker: _Tracker, adopte
     for w in todo:
         for p in tracker.records[w.piece.id]["parts"]:
             report.nodes[p["node_id"]] = report.nodes.get(p["node_id"], 0) + 1
+    report.stage_nodes = stage_nodes(parts)
+
+
+def stage_nodes(parts: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Where each stage ran: stage -> node id -> rows (read + preprocess, embed, write); counts, never data."""
+    out: dict[str, dict[str, int]] = {"preprocess": {}, "embed": {}, "write": {}}
+    for p in parts:
+        per_stage = json.loads(p.get("stage_nodes") or "{}")
+        per_stage["write"] = {p["node_id"]: p["rows"] + p["error_rows"]}
+        for stage, counts in per_stage.items():
+            for node, rows in counts.items():
+                out[stage][node] = out[stage].get(node, 0) + rows
+    return out
 
 
 def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[PieceWork], sink: SinkOptions,
@@ -378,7 +397,7 @@ def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[Pie
     import ray.data
     from ray.data import ActorPoolStrategy, DataContext
 
-    init_ray(cfg.ray_address)
+    init_ray(cfg.ray_address, {k: 10_000.0 for k in {**cfg.preprocess_resources, **cfg.embed_resources}})
     report.resources = check_resources(cfg)
     carry_fn = ray.remote(num_cpus=0, max_retries=cfg.max_task_retries)(carry_piece)
     carry_queue = [(w.piece.id, list(w.carry)) for w in todo if w.carry]

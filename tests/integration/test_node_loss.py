@@ -7,10 +7,6 @@ retries the lost tasks; the run must publish exactly one row per input record.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,6 +15,7 @@ import pytest
 from pipelines.manifest import load_manifest
 from pipelines.query import read_table
 from pipelines.sample_data import write_text_shards
+from tests.integration.helpers import run_child
 
 pytestmark = pytest.mark.slow
 
@@ -67,13 +64,7 @@ CHILD = textwrap.dedent('''
 def test_node_lost_mid_run_the_job_still_ends_exact(tmp_path: Path, tiny_bert: str) -> None:
     write_text_shards(tmp_path / "in", fmt="jsonl", shards=12, max_per_topic=8, limit=48)
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "in"), str(out), f"hf:{tiny_bert}"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, proc.stderr[-4000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = run_child(CHILD, [str(tmp_path / "in"), str(out), f"hf:{tiny_bert}"], timeout=600)
     assert res["killed_while_running"], "the run finished before the node could be removed"
     report = res["report"]
     assert "exception" not in report, report

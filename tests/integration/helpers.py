@@ -1,0 +1,51 @@
+"""Integration test helpers: expected embeddings (the pure inner loop, no Ray) and child processes with their own cluster."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from operators import columns as C
+
+
+def reference_embeddings(inp: Path, model: str, key_column: str = "id") -> dict[str, np.ndarray]:
+    """key -> vector for every record of the JSONL shards in ``inp``, embedded by read + preprocess + embed_table."""
+    from operators.embedder import embed_table
+    from operators.readers import read_shard
+    from operators.registry import load
+    from pipelines.config import build_config
+    from pipelines.embed import model_spec, prepare_rows, read_options
+
+    cfg = build_config(None, {"input": str(inp), "format": "jsonl", "output": "/unused", "model": model,
+                              "key_column": key_column})
+    spec = model_spec(cfg)
+    backbone = load(spec)
+    out: dict[str, np.ndarray] = {}
+    for f in sorted(inp.glob("*.jsonl")):
+        rows = prepare_rows(read_shard(str(f), f.name, read_options(cfg)), "p", spec.preprocessing, 0.0)
+        t = embed_table(backbone, rows, 8)
+        out.update(zip(t[C.KEY].to_pylist(), np.array(t[C.EMBEDDING].to_pylist(), dtype=np.float32)))
+    return out
+
+
+def assert_matches_reference(keys: list[str], vectors: np.ndarray, ref: dict[str, np.ndarray]) -> None:
+    """Every reference record exactly once, with the reference's vector."""
+    assert len(keys) == len(set(keys)) == len(ref) and set(keys) == set(ref)
+    got = dict(zip(keys, vectors))
+    np.testing.assert_allclose(np.stack([got[k] for k in ref]), np.stack(list(ref.values())), atol=1e-5)
+
+
+def run_child(script: str, args: list[str], timeout: float) -> dict[str, Any]:
+    """Run ``script`` in a fresh Python (its own Ray cluster, apart from the session's Ray); its ``RESULT`` line."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, proc.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT "):])

@@ -1,0 +1,210 @@
+"""`featx submit` / `featx jobs` against a real Ray head with token auth, started by the test from the venv.
+
+One head for the module (`ray start --head --block` in its own session, every port free and on
+loopback, its own temp dir; stopped by signalling its process group, so other Ray instances on the
+machine are left alone). The head gets S3 credentials from its environment, as a cluster gets them from
+an instance role or a Kubernetes Secret: the secret key is the canary that must not show up anywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from tests.conftest import S3_SECRET, upload
+from tests.integration.helpers import assert_matches_reference, reference_embeddings
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+CANARY = S3_SECRET  # AWS_SECRET_ACCESS_KEY of the moto server: the job really uses it
+
+
+def _ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [int(s.getsockname()[1]) for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The submitter's environment: no Ray auth settings or addresses inherited from the test process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "RAY_API_SERVER"))}
+    env.update({"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO), **extra})
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory, s3_server: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    tmp = Path(f"/tmp/fxs-{secrets.token_hex(3)}")  # short: Ray's socket paths must stay under 107 bytes
+    tmp.mkdir()
+    token = secrets.token_hex(24)
+    token_file = tmp / "token"
+    token_file.write_text(token)
+    gcs, dash, client, agent, agent_grpc, renv, metrics, nm, om = _ports(9)
+    env = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), HF_HUB_OFFLINE="1",
+                     PATH=f"{BIN}:{os.environ.get('PATH', '')}")  # the job's `python` is the venv's
+    log = open(tmp / "head.log", "wb")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+         "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+         "--runtime-env-agent-port", str(renv), "--metrics-export-port", str(metrics),
+         "--node-manager-port", str(nm), "--object-manager-port", str(om), "--num-cpus", "2", "--num-gpus", "0",
+         "--temp-dir", str(tmp / "ray"), "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(tmp))
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                req = urllib.request.Request(url + "/api/version", headers={"Authorization": f"Bearer {token}"})
+                urllib.request.urlopen(req, timeout=2).read()
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the Ray head did not start:\n" + (tmp / "head.log").read_text()[-3000:])
+                time.sleep(0.5)
+        yield {"url": url, "token": token, "tmp": tmp}
+    finally:
+        for sig, wait in ((signal.SIGTERM, 2), (signal.SIGKILL, 5)):  # the head's whole process group, by its id
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                pass
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _featx(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    exe = [str(BIN / "featx")] if (BIN / "featx").exists() else [sys.executable, "-m", "pipelines.cli"]
+    return subprocess.run(exe + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+
+
+def _jobs(head: dict[str, Any], args: list[str]) -> Any:
+    """`featx jobs ...` in this process (the submit calls above run as real subprocesses)."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    return CliRunner().invoke(app, ["jobs", "--address", head["url"], *args], env={"RAY_AUTH_TOKEN": head["token"]})
+
+
+def _client(head: dict[str, Any]) -> Any:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(head["url"], headers={"Authorization": f"Bearer {head['token']}"})
+
+
+def test_submit_embed_job_succeeds_with_token_and_leaks_no_secret(
+        ray_head: dict[str, Any], tmp_path: Path, tiny_bert: str, s3_fs: Any, s3_bucket: str) -> None:
+    from pipelines.query import read_table
+    from pipelines.sample_data import write_text_shards
+
+    info = write_text_shards(tmp_path / "in", fmt="jsonl", shards=3, max_per_topic=4, limit=24)
+    src = upload(s3_fs, tmp_path / "in", s3_bucket, "in")
+    out = tmp_path / "out"
+    env = _clean_env(RAY_AUTH_TOKEN=ray_head["token"])
+    r = _featx(["submit", "--address", ray_head["url"], "--env", "HF_HUB_OFFLINE=1", "--",
+                "featx", "embed", "--input", src, "--format", "jsonl", "--model", f"hf:{tiny_bert}",
+                "--output", str(out), "--set", "key_column=id", "--set", "num_cpus=0.5", "--json"], env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sid = next(ln.split(": ", 1)[1] for ln in r.stdout.splitlines() if ln.startswith("submission id: "))
+    job_id = next(ln.split(": ", 1)[1] for ln in r.stdout.splitlines() if ln.startswith("job id: "))
+    assert sid.startswith("raysubmit_") and job_id not in ("", "None")
+    assert "status: SUCCEEDED" in r.stdout
+    assert "python -m pipelines.cli embed" in r.stderr  # featx ran from the shipped working dir
+
+    # output present and correct: every record once, vectors equal to the inner loop's
+    table = read_table(str(out))
+    assert table.num_rows == info["records"]
+    assert_matches_reference(table["key"].to_pylist(), np.array(table["embedding"].to_pylist(), dtype=np.float32),
+                             reference_embeddings(tmp_path / "in", f"hf:{tiny_bert}"))
+
+    client = _client(ray_head)
+    job = client.get_job_info(sid)
+    assert str(job.status) == "SUCCEEDED" and job.job_id == job_id
+    assert job.runtime_env["env_vars"] == {"HF_HUB_OFFLINE": "1"} and "working_dir" in job.runtime_env
+    assert job.metadata["featx_command"] == "embed"
+
+    # the canary (the S3 secret key the job used to read its input) appears nowhere
+    logs = client.get_job_logs(sid)
+    assert "published" in logs or "snapshot" in logs
+    st = _jobs(ray_head, ["status", sid, "--json"])
+    listing = _jobs(ray_head, ["list", "--json"])
+    assert st.exit_code == 0 and json.loads(st.stdout)["status"] == "SUCCEEDED"
+    assert sid in {j["submission_id"] for j in json.loads(listing.stdout)}
+    table_view = _jobs(ray_head, [])  # `featx jobs --address URL` alone lists
+    assert table_view.exit_code == 0 and sid in table_view.stdout
+    reports = [p.read_text() for p in [out / "_report.json", out / "_config.json", *(out / "_runs").glob("*.json")]]
+    job_meta = json.dumps(job.model_dump(), default=str)
+    for where, text in {"submit stdout": r.stdout, "submit stderr": r.stderr, "job logs": logs,
+                        "job metadata": job_meta, "jobs status": st.stdout, "jobs list": listing.stdout + table_view.stdout,
+                        **{f"report {i}": t for i, t in enumerate(reports)}}.items():
+        assert CANARY not in text, f"the secret leaked into {where}"
+
+    # a secret-looking --env is refused (Ray would keep its value in the job's metadata) without echoing it
+    refused = _featx(["submit", "--address", ray_head["url"], "--env", "AWS_SECRET_ACCESS_KEY", "--", "featx", "models"],
+                     {**env, "AWS_SECRET_ACCESS_KEY": CANARY})
+    assert refused.returncode == 2 and "secret-looking" in refused.stderr
+    assert CANARY not in refused.stdout + refused.stderr
+
+
+def test_failing_job_exits_nonzero_with_its_error(ray_head: dict[str, Any], tmp_path: Path) -> None:
+    env = _clean_env(RAY_AUTH_TOKEN=ray_head["token"])
+    missing = tmp_path / "no-such-input"
+    r = _featx(["submit", "--address", ray_head["url"], "--", "featx", "embed", "--input", str(missing),
+                "--format", "jsonl", "--output", str(tmp_path / "out")], env)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "status: FAILED" in r.stdout
+    assert "no-such-input" in r.stderr and "FAILED" in r.stderr  # the error tail names what was wrong
+    sid = next(ln.split(": ", 1)[1] for ln in r.stdout.splitlines() if ln.startswith("submission id: "))
+    st = _jobs(ray_head, ["status", sid])
+    assert st.exit_code == 1 and "status: FAILED" in st.stdout
+
+
+def test_jobs_stop_and_logs(ray_head: dict[str, Any]) -> None:
+    env = _clean_env(RAY_AUTH_TOKEN=ray_head["token"])
+    r = _featx(["submit", "--address", ray_head["url"], "--ship", "none", "--no-wait", "--",
+                "python", "-c", "import time; print('started', flush=True); time.sleep(120)"], env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sid = r.stdout.split("submission id: ", 1)[1].split()[0]
+    client = _client(ray_head)
+    deadline = time.monotonic() + 60
+    while "started" not in client.get_job_logs(sid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stop = _jobs(ray_head, ["stop", sid])
+    assert stop.exit_code == 0 and "STOPPED" in stop.stdout, stop.output
+    logs = _jobs(ray_head, ["logs", sid])
+    assert logs.exit_code == 0 and "started" in logs.stdout
+    assert str(client.get_job_info(sid).status) == "STOPPED"
+
+
+def test_submission_without_the_token_is_refused(ray_head: dict[str, Any]) -> None:
+    for env, expect in ((_clean_env(), "requires a token"),
+                        (_clean_env(RAY_AUTH_TOKEN="not-the-token"), "rejected the token")):
+        r = _featx(["submit", "--address", ray_head["url"], "--ship", "none", "--", "featx", "models"], env, timeout=60)
+        assert r.returncode == 2 and expect in r.stderr, r.stderr[-2000:]
+        assert "submission id" not in r.stdout
+    assert _client(ray_head).list_jobs() is not None  # the head still serves clients that hold the token
