@@ -207,6 +207,147 @@ def predict(
     print(json.dumps({k: summary[k] for k in ("rows", "output", "files")}, indent=1))
 
 
+# ---- reading published tables (query, sql, inspect, index) ----------------------------------------
+
+_STORAGE_HELP = "fsspec storage option for the output, key=value (repeatable): -o endpoint_url=http://... ; credentials come from the environment"
+
+
+def _storage(items: list[str]) -> dict[str, Any]:
+    from pipelines.config import parse_set
+
+    opts = parse_set(items)
+    if "endpoint_url" in opts:  # the common one, where s3fs wants it
+        opts.setdefault("client_kwargs", {})["endpoint_url"] = opts.pop("endpoint_url")
+    return opts
+
+
+def _print_rows(rows: list[dict[str, Any]], title: str) -> None:
+    t = Table(*(rows[0].keys() if rows else ["(no rows)"]), title=title)
+    for r in rows:
+        t.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v)[:80] for v in r.values()])
+    Console().print(t)
+
+
+@app.command()
+def query(
+    output: str = typer.Argument(..., help="Output URI of a featx table"),
+    text: Optional[str] = typer.Option(None, "--text", help="Query text (embedded with the table's own model)"),
+    image: Optional[str] = typer.Option(None, "--image", help="Query image file or URI (embedded with the table's model)"),
+    like: Optional[str] = typer.Option(None, "--like", help="Neighbours of the stored row with this key"),
+    k: int = typer.Option(10, "-k", help="How many neighbours"),
+    metric: str = typer.Option("cosine", "--metric", help="cosine | dot | l2"),
+    where: Optional[str] = typer.Option(None, "--where", help="SQL condition on the other columns: --where \"label = 'cat'\""),
+    snapshot: Optional[int] = typer.Option(None, "--snapshot", help="Read a kept older snapshot (time travel)"),
+    exact: bool = typer.Option(False, "--exact", help="Never use a FAISS index"),
+    model: Optional[str] = typer.Option(None, "--model", help="The table's model, where its saved config does not resolve here"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="The table's weights at their path on this machine"),
+    storage: list[str] = typer.Option([], "--storage-option", "-o", help=_STORAGE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print hits as JSON"),
+) -> None:
+    """Nearest neighbours of a text, an image or a stored row (exact, or a matching FAISS index)."""
+    from pipelines.query import open as open_table
+
+    try:
+        table = open_table(output, snapshot, _storage(storage))
+        if model or weights:
+            table.use_encoder(model=model, weights=weights)
+        hits = table.search(text=text, image=image, like=like, k=k, metric=metric, where=where,
+                            use_index=False if exact else None)
+    except FeatxError as e:
+        _fail(e)
+    rows = hits.to_pylist()
+    if json_out:
+        print(json.dumps({"method": hits.method, "note": hits.note, "snapshot": hits.snapshot, "seconds": hits.seconds,
+                          "hits": rows}, indent=1, default=str))
+        return
+    _say(f"{hits.method}: {hits.note} ({hits.seconds:.3f} s)")
+    _print_rows([{"rank": i + 1, **r} for i, r in enumerate(rows)], f"{output} snapshot {hits.snapshot}: {k} nearest ({metric})")
+
+
+@app.command()
+def sql(
+    output: str = typer.Argument(..., help="Output URI of a featx table"),
+    statement: str = typer.Argument(..., help="SQL over the view `embeddings` (embedding is FLOAT[dim])"),
+    snapshot: Optional[int] = typer.Option(None, "--snapshot", help="Read a kept older snapshot"),
+    fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+    storage: list[str] = typer.Option([], "--storage-option", "-o", help=_STORAGE_HELP),
+) -> None:
+    """Run DuckDB SQL over the published snapshot (local or object storage)."""
+    import duckdb
+
+    from pipelines.query import open as open_table
+
+    try:
+        con = open_table(output, snapshot, _storage(storage)).duckdb()
+        try:
+            result = con.sql(statement)
+        except duckdb.Error as e:
+            raise FeatxError(f"DuckDB refused the statement ({e}); the table is the view `embeddings`") from None
+        if result is None:
+            return
+        rows = [dict(zip(result.columns, r)) for r in result.fetchall()]
+    except FeatxError as e:
+        _fail(e)
+    if fmt == "json":
+        print(json.dumps(rows, indent=1, default=str))
+    elif fmt == "csv":
+        import csv
+
+        w = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else [])
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        _print_rows(rows, f"{len(rows)} rows")
+
+
+@app.command()
+def inspect(
+    output: str = typer.Argument(..., help="Output URI of a featx table"),
+    color: Optional[str] = typer.Option(None, "--color", help="Column that colours the 2-D map"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Save a 2-D PCA map of the vectors to this PNG"),
+    snapshot: Optional[int] = typer.Option(None, "--snapshot", help="Inspect a kept older snapshot"),
+    storage: list[str] = typer.Option([], "--storage-option", "-o", help=_STORAGE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON"),
+) -> None:
+    """Schema, model, rows, files, vector norms, duplicate keys, and a 2-D map of the embeddings."""
+    from pipelines.inspect import inspect_table
+
+    try:
+        rep = inspect_table(output, snapshot, color=color, plot=plot, storage_options=_storage(storage))
+    except FeatxError as e:
+        _fail(e)
+    if json_out:
+        print(json.dumps(rep, indent=1, default=str))
+    else:
+        t = Table(title=f"{output}: snapshot {rep['snapshot']} ({'healthy' if rep['healthy'] else 'PROBLEMS'})", show_header=False)
+        for key, v in rep.items():
+            t.add_row(key, json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v))
+        Console().print(t)
+    if not rep["healthy"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def index(
+    output: str = typer.Argument(..., help="Output URI of a featx table"),
+    kind: str = typer.Option("ivf", "--kind", help="ivf | hnsw"),
+    metric: str = typer.Option("cosine", "--metric", help="cosine | dot | l2 (queries with this metric use it)"),
+    nlist: Optional[int] = typer.Option(None, "--nlist", help="IVF lists (default ~4 x sqrt(rows))"),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists searched per query"),
+    hnsw_m: int = typer.Option(32, "--hnsw-m", help="HNSW links per node"),
+    storage: list[str] = typer.Option([], "--storage-option", "-o", help=_STORAGE_HELP),
+) -> None:
+    """Build a FAISS index of the published snapshot, stored beside it (used while the snapshot is current)."""
+    from pipelines.index import build_index
+
+    try:
+        meta = build_index(output, kind, metric, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,
+                           storage_options=_storage(storage), progress=_say)
+    except FeatxError as e:
+        _fail(e)
+    print(json.dumps(meta, indent=1))
+
+
 @app.command()
 def demo(folder: str = typer.Option("featx-demo", "--dir", help="Where to write the sample data and outputs")) -> None:
     """Write a small real sample dataset, embed it with the offline default models, query it."""
