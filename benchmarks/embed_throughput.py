@@ -66,7 +66,7 @@ import torch  # noqa: E402
 
 from operators import columns as C  # noqa: E402
 from operators.backbones import Backbone  # noqa: E402
-from operators.embedder import embed_table, image_array, length_buckets, pad_ids  # noqa: E402
+from operators.embedder import embed_table, image_array, length_buckets, pad_ids, token_budget  # noqa: E402
 from operators.preprocess import count_errors, preprocess_images, preprocess_text, tokenizer_for  # noqa: E402
 from operators.readers import FORMAT_EXTENSIONS, ReadOptions, read_shard  # noqa: E402
 from operators.registry import ImagePreprocess, ModelSpec, TextPreprocess, load, resolve  # noqa: E402
@@ -77,8 +77,10 @@ from pipelines import sample_data  # noqa: E402
 Modality = Literal["text", "images"]
 MODELS: dict[Modality, str] = {"text": "minilm-l6", "images": "efficientnet-lite0"}
 FORMATS: dict[Modality, str] = {"text": "jsonl", "images": "webdataset"}
-CASES: tuple[str, ...] = ("featx", "plain", "bare", "st")
+CASES: tuple[str, ...] = ("featx", "plain", "bare", "st", "dataloader", "ceiling")
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "embed_throughput.json"
+BASELINES: tuple[str, ...] = ("plain_loop", "dataloader", "bare_forward", "bare_forward_sorted", "bare_forward_tokens",
+                              "ceiling", "sentence_transformers")
 
 
 # ---- results ---------------------------------------------------------------------------------
@@ -124,12 +126,13 @@ class ModalityResult:
     def ratios(self) -> dict[str, float | None]:
         featx = self.rate("featx")
         out: dict[str, float | None] = {}
-        for key, base in (("featx/plain_loop", "plain_loop"), ("featx/bare_forward", "bare_forward"),
-                          ("featx/bare_forward_sorted", "bare_forward_sorted"),
-                          ("featx/sentence_transformers", "sentence_transformers")):
+        steady = self.cases["featx"].notes.get("steady_rows_per_second") if "featx" in self.cases else None
+        for base in BASELINES:
             b = self.rate(base)
             if b is not None:
-                out[key] = round(featx / b, 3) if featx is not None else None
+                out[f"featx/{base}"] = round(featx / b, 3) if featx is not None else None
+                if steady:
+                    out[f"featx_steady/{base}"] = round(steady / b, 3)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,6 +162,8 @@ class Settings:
     piece_max_shards: int
     featx_torch_threads: int
     featx_timeout: int
+    dataloader_workers: int
+    ceiling_repeat: int
     ray_progress: bool
     out: Path
     workdir: Path | None
@@ -174,7 +179,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="smoke run: 300 sentences and 36 images unless --text-rows/--images-per-photo say otherwise")
     p.add_argument("--only", choices=("text", "images"), help="run one modality only")
     p.add_argument("--skip", action="append", choices=CASES, default=[],
-                   help="leave a case out (repeatable): featx, plain (loop), bare (forward), st (SentenceTransformer)")
+                   help="leave a case out (repeatable): featx, plain (loop), bare (forward), st (SentenceTransformer), "
+                        "dataloader (PyTorch DataLoader script, images), ceiling (threads x processes, images)")
     g = p.add_argument_group("data")
     g.add_argument("--text-rows", type=int, help="sentences; the bundled corpus has 2,939 (default 3000, i.e. all; --quick 300)")
     g.add_argument("--text-shards", type=int, default=8, help="JSONL files (default %(default)s)")
@@ -185,6 +191,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     g.add_argument("--text-batch-size", type=int, default=64, help="rows per forward pass (default %(default)s)")
     g.add_argument("--image-batch-size", type=int, default=32, help="rows per forward pass (default %(default)s)")
     g.add_argument("--threads", type=int, default=ncpu, help="torch intra-op threads, every case (default: nproc = %(default)s)")
+    g.add_argument("--dataloader-workers", type=int, default=1,
+                   help="DataLoader num_workers of the DataLoader baseline (default %(default)s)")
+    g.add_argument("--ceiling-repeat", type=int, default=1,
+                   help="passes over the crops per process in the threads x processes ceiling (default %(default)s)")
     g = p.add_argument_group("featx pipeline")
     g.add_argument("--ray-cpus", type=int, default=ncpu, help="ray.init(num_cpus=...) (default: nproc = %(default)s)")
     g.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per embedding actor (default %(default)s)")
@@ -212,7 +222,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         text_batch_size=a.text_batch_size, image_batch_size=a.image_batch_size, threads=a.threads,
         ray_cpus=a.ray_cpus, num_cpus=a.num_cpus, max_actors=a.max_actors, preprocess_num_cpus=a.preprocess_num_cpus,
         piece_max_shards=a.piece_max_shards, featx_torch_threads=a.featx_torch_threads or a.threads,
-        featx_timeout=a.featx_timeout, ray_progress=a.ray_progress, out=a.out, workdir=a.workdir,
+        featx_timeout=a.featx_timeout, dataloader_workers=a.dataloader_workers, ceiling_repeat=a.ceiling_repeat,
+        ray_progress=a.ray_progress, out=a.out, workdir=a.workdir,
     )
 
 
@@ -343,6 +354,9 @@ def bare_forward_text(bb: Backbone, table: pa.Table, batch_size: int) -> list[Ca
     orders = {
         "bare_forward": [np.arange(s, min(s + batch_size, len(seqs))) for s in range(0, len(seqs), batch_size)],
         "bare_forward_sorted": list(length_buckets(lengths, batch_size)),
+        # what featx's embed_table does: sorted by token count, batches of ~batch_size x mean-length tokens
+        "bare_forward_tokens": list(length_buckets(lengths, batch_size, token_budget(lengths, batch_size),
+                                                   max_rows=8 * batch_size)),
     }
     cases = []
     for name, index_batches in orders.items():
@@ -353,10 +367,106 @@ def bare_forward_text(bb: Backbone, table: pa.Table, batch_size: int) -> list[Ca
             "batches": len(batches), "tokens": int(lengths.sum()), "padded_tokens": int(padded),
             "padding_fraction": round(1 - lengths.sum() / padded, 3),
             "padded_tokens_per_second": round(padded / seconds, 1),
-            "order": "corpus order" if name == "bare_forward" else "sorted by token length (featx length_buckets)",
+            "order": {"bare_forward": "corpus order", "bare_forward_sorted": "sorted by token length, batch_size rows",
+                      "bare_forward_tokens": "sorted by token length, token-budget batches (as featx embed_table)"}[name],
             "excludes": "read + tokenize + padding (done beforehand); one warm-up batch",
         }))
     return cases
+
+
+def _dataloader_worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+class _ShardImages(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    """The DataLoader baseline's dataset: (key, uint8 crop) from WebDataset shards, split over the workers."""
+
+    def __init__(self, shards: list[Shard], pre: ImagePreprocess) -> None:
+        self.shards, self.pre = shards, pre
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        from operators.preprocess import decode_image
+
+        info = torch.utils.data.get_worker_info()
+        mine = self.shards if info is None else self.shards[info.id::info.num_workers]
+        opts = ReadOptions(format="webdataset")
+        for sh in mine:
+            t = read_shard(sh.uri, sh.rel, opts)
+            for key, data in zip(t[C.KEY].to_pylist(), t[C.PAYLOAD].to_pylist()):
+                yield key, torch.from_numpy(np.array(decode_image(data, self.pre)))
+
+
+def dataloader_images(folder: Path, out_dir: Path, bb: Backbone, batch_size: int,
+                      workers: int) -> tuple[Case, dict[str, np.ndarray]]:
+    """A plain PyTorch script: DataLoader(workers decode) -> forward -> one Parquet file; the model loaded before."""
+    pre = bb.spec.preprocessing
+    assert isinstance(pre, ImagePreprocess)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    loader = torch.utils.data.DataLoader(_ShardImages(shards_of("images", folder), pre), batch_size=batch_size,
+                                         num_workers=workers, worker_init_fn=_dataloader_worker_init,
+                                         persistent_workers=False, multiprocessing_context="fork" if workers else None)
+    keys: list[str] = []
+    vecs: list[np.ndarray] = []
+    first: float | None = None
+    for k, x in loader:
+        vecs.append(bb.embed_images(x.numpy()))
+        keys.extend(k)
+        first = first if first is not None else time.perf_counter() - t0
+    v = np.concatenate(vecs)
+    table = pa.table({C.KEY: keys, C.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])})
+    pq.write_table(table, out_dir / "part-00000.parquet", compression="zstd")
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return Case("dataloader", len(keys), seconds, cpu_seconds=cpu, notes={
+        "num_workers": workers, "seconds_to_first_batch": round(first or 0.0, 3),
+        "excludes": "model load (before the clock); includes worker start, read, decode, forward, Parquet write",
+    }), dict(zip(keys, v))
+
+
+def _ceiling_child(spec: ModelSpec, pixels: np.ndarray, batch_size: int, threads: int, repeat: int,
+                   start: Any, done: Any) -> None:
+    torch.set_num_threads(threads)
+    bb = load(spec, "cpu")
+    batches = [pixels[s:s + batch_size] for s in range(0, len(pixels), batch_size)]
+    bb.embed_images(batches[0])  # warm-up
+    start.wait()
+    for _ in range(repeat):
+        for b in batches:
+            bb.embed_images(b)
+    done.put(len(pixels) * repeat)
+
+
+def ceiling_images(spec: ModelSpec, table: pa.Table, batch_size: int, ncpu: int, repeat: int) -> list[Case]:
+    """The in-process ceiling: bare forward on decoded crops, for every split of the CPUs into processes x threads.
+
+    Each split runs ``procs`` forked processes of ``ncpu // procs`` torch threads on the same crops at once;
+    its rate is all their rows over the wall time from a common start. The best split is ``ceiling``.
+    """
+    import multiprocessing as mp
+
+    pre = spec.preprocessing
+    assert isinstance(pre, ImagePreprocess)
+    pixels = np.ascontiguousarray(image_array(table.filter(C.ok_mask(table))[C.INPUT], pre.crop))
+    ctx = mp.get_context("fork")
+    cases = []
+    for procs in [p for p in range(1, ncpu + 1) if ncpu % p == 0]:
+        threads = ncpu // procs
+        start, done = ctx.Barrier(procs + 1), ctx.Queue()
+        children = [ctx.Process(target=_ceiling_child, args=(spec, pixels, batch_size, threads, repeat, start, done))
+                    for _ in range(procs)]
+        for c in children:
+            c.start()
+        start.wait()  # every child loaded and warmed up
+        t0 = time.perf_counter()
+        rows = sum(done.get() for _ in children)
+        seconds = time.perf_counter() - t0
+        for c in children:
+            c.join()
+        cases.append(Case(f"split_{procs}x{threads}", rows, seconds, notes={
+            "processes": procs, "threads_per_process": threads,
+            "excludes": "read, decode (done beforehand), model load and a warm-up batch per process"}))
+    best = max(cases, key=lambda c: c.rows_per_second)
+    return cases + [Case("ceiling", best.rows, best.seconds, notes={**best.notes, "best_split": best.name})]
 
 
 def sentence_transformers_case(raw: pa.Table, batch_size: int) -> tuple[Case, dict[str, np.ndarray]]:
@@ -453,6 +563,15 @@ def run_in_process(modality: Modality, work: Path, s: Settings, res: ModalityRes
             cases = bare_forward_text(bb, table, bs) if modality == "text" else bare_forward_images(bb, table, bs)
             res.cases.update({c.name: c for c in cases})
         steps.append(("bare_forward", bare))
+    if modality == "images" and "dataloader" not in s.skip:
+        def dl() -> None:
+            case, vecs["dataloader"] = dataloader_images(data, work / "images-dl-out", bb, bs, s.dataloader_workers)
+            res.cases[case.name] = case
+        steps.append(("dataloader", dl))
+    if modality == "images" and "ceiling" not in s.skip:
+        def ceiling() -> None:
+            res.cases.update({c.name: c for c in ceiling_images(spec, table, bs, s.threads, s.ceiling_repeat)})
+        steps.append(("ceiling", ceiling))
     if modality == "text" and "st" not in s.skip:
         def st() -> None:
             case, vecs["sentence_transformers"] = sentence_transformers_case(raw, bs)
@@ -474,7 +593,7 @@ def check_vectors(res: ModalityResult, vecs: dict[str, dict[str, np.ndarray]]) -
     ref = vecs.get("plain_loop")
     if not ref:
         return
-    for other in ("featx", "sentence_transformers"):
+    for other in ("featx", "sentence_transformers", "dataloader"):
         if vecs.get(other):
             res.checks[f"plain_loop_vs_{other}"] = max_abs_diff(ref, vecs[other])
 
@@ -520,6 +639,11 @@ LABELS: dict[str, str] = {
     "plain_loop": "plain loop (1 process)",
     "bare_forward": "bare forward, corpus order",
     "bare_forward_sorted": "bare forward, sorted by length",
+    "bare_forward_tokens": "bare forward, token-count buckets",
+    "dataloader": "DataLoader script",
+    "split_1x2": "bare fwd 1 proc x 2 threads",
+    "split_2x1": "bare fwd 2 procs x 1 thread",
+    "ceiling": "ceiling (best split)",
     "sentence_transformers": "SentenceTransformer.encode",
 }
 
@@ -541,10 +665,10 @@ def print_table(results: dict[str, ModalityResult]) -> None:
             print(f"{label:<{w}}" + "".join(f"{(f'{v:.1f}' if v is not None else '-'):>{cw}}" for v in vals))
     ratio_keys = list(dict.fromkeys(k for r in results.values() for k in r.ratios()))
     if ratio_keys:
-        print(f"{'ratio (featx end-to-end / x)':<{w}}")
-    for k in ratio_keys:
+        print(f"{'ratio (featx end-to-end or steady / x)':<{w}}")
+    for k in sorted(ratio_keys, key=lambda k: k.startswith("featx_steady")):
         vals = [results[m].ratios().get(k) for m in mods]
-        label = "  / " + LABELS.get(k.split("/", 1)[1], k)
+        label = ("  / " if k.startswith("featx/") else "  steady / ") + LABELS.get(k.split("/", 1)[1], k)
         print(f"{label:<{w}}" + "".join(f"{(f'{v:.2f}' if v is not None else '-'):>{cw}}" for v in vals))
     print()
     for m in mods:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -21,11 +21,34 @@ from operators.faults import ENV as FAULTS_ENV, crash_embed_once
 from operators.registry import ImagePreprocess, ModelSpec, load
 
 
-def length_buckets(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Row indices in batches of similar length (sorted), so padding stays small."""
+def length_buckets(lengths: np.ndarray, batch_size: int, max_tokens: int | None = None,
+                   max_rows: int | None = None) -> Iterator[np.ndarray]:
+    """Row indices in batches of similar length (sorted over the whole window), so padding stays small.
+
+    Without ``max_tokens`` every batch has ``batch_size`` rows. With it, batches hold about the same number of
+    *padded tokens* instead: as many rows as fit ``rows x longest <= max_tokens`` (at least one, at most
+    ``max_rows``), so short texts travel in large batches and long ones in small batches. The model's cost
+    is flat per padded token, so this keeps both padding and per-call overhead low, and memory bounded.
+    """
     order = np.argsort(lengths, kind="stable")
-    for s in range(0, len(order), batch_size):
-        yield order[s:s + batch_size]
+    n = len(order)
+    if max_tokens is None:
+        for s in range(0, n, batch_size):
+            yield order[s:s + batch_size]
+        return
+    cap = max(1, max_rows or n)
+    widths = np.maximum(np.asarray(lengths)[order], 1)
+    s = 0
+    while s < n:
+        lo, hi = s + 1, min(n, s + cap)  # the largest end e with (e - s) * widths[e - 1] <= max_tokens
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if (mid - s) * int(widths[mid - 1]) <= max_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        yield order[s:lo]
+        s = lo
 
 
 def pad_ids(seqs: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -37,6 +60,30 @@ def pad_ids(seqs: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.nda
         ids[i, :len(s)] = s
         mask[i, :len(s)] = 1
     return ids, mask
+
+
+def gather_padded(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray,
+                  pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a list<int> column (flat ``values`` + ``offsets``) -> right-padded (ids, mask), int64.
+
+    The same result as :func:`pad_ids` on the slices, in a few vectorised numpy calls (no loop per row).
+    """
+    starts = offsets[rows].astype(np.int64)
+    lens = offsets[rows + 1].astype(np.int64) - starts
+    width = int(lens.max()) if len(rows) else 0
+    pos = np.arange(width, dtype=np.int64)
+    mask = pos[None, :] < lens[:, None]
+    if not len(values):
+        return np.full(mask.shape, pad_id, dtype=np.int64), mask.astype(np.int64)
+    ids = np.where(mask, values[np.where(mask, starts[:, None] + pos[None, :], 0)], pad_id).astype(np.int64)
+    return ids, mask.astype(np.int64)
+
+
+def token_budget(lengths: np.ndarray, batch_size: int) -> int:
+    """Padded tokens per text batch: ``batch_size`` rows of this window's mean length (at least one long row)."""
+    if not len(lengths):
+        return batch_size
+    return max(int(lengths.max()), int(round(batch_size * float(np.mean(lengths)))))
 
 
 def image_array(col: pa.ChunkedArray | pa.Array, crop: int) -> np.ndarray:
@@ -53,44 +100,130 @@ def vectors_to_arrow(vectors: np.ndarray, valid: np.ndarray, dim: int) -> pa.Fix
     return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~valid))
 
 
-def embed_table(bb: Backbone, table: pa.Table, batch_size: int, precision: str = "fp32") -> pa.Table:
-    """Add the ``embedding`` column; rows already in error (or failing here) get null and keep their error."""
+def embed_table(bb: Backbone, table: pa.Table, batch_size: int, precision: str = "fp32",
+                max_tokens: int | None = None) -> pa.Table:
+    """Add the ``embedding`` column; rows already in error (or failing here) get null and keep their error.
+
+    Text rows are sorted by token count over the whole table and cut into batches of about ``max_tokens``
+    padded tokens (default: ``batch_size`` rows of the table's mean length; at most 8 x ``batch_size`` rows);
+    vectors go back to their rows, so the output keeps the input order. Image batches are zero-copy views of
+    the Arrow crops where the rows are contiguous. Results stay on the device until the table is done (one
+    copy back, no sync per batch on a GPU). A batch that runs out of GPU memory is split in halves and
+    retried; a batch that fails otherwise marks its rows as errors.
+    """
     t0 = time.perf_counter()
     n = table.num_rows
     ok = np.asarray(C.ok_mask(table).to_numpy(zero_copy_only=False), dtype=bool)
     out = np.zeros((n, bb.dim), dtype=np.float32)
     stages, types, msgs = C.read_errors(table)
     rows = np.flatnonzero(ok)
+    done: list[tuple[np.ndarray, Any]] = []  # (row indices, float32 vectors on the device)
     if len(rows):
         pre = bb.spec.preprocessing
         if isinstance(pre, ImagePreprocess):
             pixels = image_array(table[C.INPUT], pre.crop)
-            batches = (rows[s:s + batch_size] for s in range(0, len(rows), batch_size))
-            run = lambda idx: bb.embed_images(pixels[idx], precision)  # noqa: E731
+            batches: Iterator[np.ndarray] = (rows[s:s + batch_size] for s in range(0, len(rows), batch_size))
+
+            def run(idx: np.ndarray) -> Any:
+                contiguous = int(idx[-1]) - int(idx[0]) + 1 == len(idx)
+                return bb.image_vectors(pixels[idx[0]:idx[-1] + 1] if contiguous else pixels[idx], precision)
         else:
             ids_col = table[C.INPUT].combine_chunks()
             offsets = ids_col.offsets.to_numpy()
-            values = ids_col.values.to_numpy()
+            values = ids_col.values.to_numpy()  # unsliced; a sliced column's offsets index into it as they are
             lengths = (offsets[1:] - offsets[:-1])[rows]
-            batches = (rows[b] for b in length_buckets(lengths, batch_size))
+            budget = max_tokens or token_budget(lengths, batch_size)
+            batches = (rows[b] for b in length_buckets(lengths, batch_size, budget, max_rows=8 * batch_size))
 
-            def run(idx: np.ndarray) -> np.ndarray:
-                ids, mask = pad_ids([values[offsets[i]:offsets[i + 1]] for i in idx])
-                return bb.embed_tokens(ids, mask, precision)
+            def run(idx: np.ndarray) -> Any:
+                return bb.token_vectors(*gather_padded(values, offsets, idx), precision)
         for idx in batches:
             try:
-                out[idx] = run(idx)
+                done.extend(_run_splitting(run, idx))
             except Exception as e:  # a batch that fails is recorded, never dropped
-                if "out of memory" in str(e).lower():
+                if _is_oom(e):
                     raise  # not the rows' fault: let Ray retry with the actor restarted
                 for i in idx:
                     ok[i] = False
                     stages[i], types[i] = "embed", type(e).__name__
                     msgs[i] = f"forward pass failed for the batch holding {table[C.KEY][int(i)].as_py()!r}: {e}"[:2000]
+    if done:
+        _gather_vectors(done, out)
     emb = vectors_to_arrow(out, ok, bb.dim)
     table = table.drop_columns([C.INPUT]).append_column(C.EMBEDDING, emb)
     table = C.write_errors(table, stages, types, msgs)
     return table.append_column(C.T_EMBED, pa.array(np.full(n, time.perf_counter() - t0)))
+
+
+def embed_image_bytes(bb: Backbone, table: pa.Table, batch_size: int, precision: str = "fp32") -> pa.Table:
+    """Raw image bytes (the ``payload`` column) -> ``embedding``, decoding on the backbone's device.
+
+    The GPU-decode option: :func:`operators.preprocess.decode_images_torch` replaces the CPU preprocess
+    task (nvJPEG on CUDA); records that fail to decode become error rows with stage ``decode``.
+    """
+    import torch
+
+    from operators.preprocess import decode_images_torch
+
+    pre = bb.spec.preprocessing
+    assert isinstance(pre, ImagePreprocess), "embed_image_bytes is for image models"
+    t0 = time.perf_counter()
+    n = table.num_rows
+    ok = np.asarray(C.ok_mask(table).to_numpy(zero_copy_only=False), dtype=bool)
+    out = np.zeros((n, bb.dim), dtype=np.float32)
+    stages, types, msgs = C.read_errors(table)
+    payloads = table[C.PAYLOAD]
+    done: list[tuple[np.ndarray, Any]] = []
+    rows = np.flatnonzero(ok)
+    for s in range(0, len(rows), batch_size):
+        idx = rows[s:s + batch_size]
+        pixels, errors = decode_images_torch(payloads.take(pa.array(idx)).to_pylist(), pre, str(bb.device))
+        good = np.array([e is None for e in errors], dtype=bool)
+        for i, e in zip(idx[~good], (e for e in errors if e is not None)):
+            ok[i] = False
+            stages[i], types[i] = "decode", "DecodeError"
+            msgs[i] = f"record {table[C.KEY][int(i)].as_py()!r} could not be decoded as an image: {e}"[:2000]
+        if good.any():
+            base = idx[good]
+            x = pixels if good.all() else pixels[torch.as_tensor(np.flatnonzero(good), device=pixels.device)]
+            # positions into x: the halves of an out-of-memory retry are contiguous slices
+            for pos, vecs in _run_splitting(lambda p: bb.image_vectors(x[p[0]:p[-1] + 1], precision),  # noqa: B023
+                                            np.arange(len(base))):
+                done.append((base[pos], vecs))
+    if done:
+        _gather_vectors(done, out)
+    table = table.drop_columns([C.PAYLOAD]).append_column(C.EMBEDDING, vectors_to_arrow(out, ok, bb.dim))
+    table = C.write_errors(table, stages, types, msgs)
+    return table.append_column(C.T_EMBED, pa.array(np.full(n, time.perf_counter() - t0)))
+
+
+def _is_oom(e: BaseException) -> bool:
+    return "out of memory" in str(e).lower()
+
+
+def _run_splitting(run: Callable[[np.ndarray], Any], idx: np.ndarray) -> list[tuple[np.ndarray, Any]]:
+    """Run one batch; on out-of-memory, free the cache and run it again in halves (down to one row)."""
+    try:
+        return [(idx, run(idx))]
+    except Exception as e:
+        if not _is_oom(e) or len(idx) < 2:
+            raise
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    logging.getLogger("featx").warning("out of memory on a batch of %d rows; retrying it in halves", len(idx))
+    half = len(idx) // 2
+    return _run_splitting(run, idx[:half]) + _run_splitting(run, idx[half:])
+
+
+def _gather_vectors(done: list[tuple[np.ndarray, Any]], out: np.ndarray) -> None:
+    """Scatter device results into ``out`` by row, with one device->host copy for the whole table."""
+    import torch
+
+    idx = np.concatenate([i for i, _ in done])
+    vecs = torch.cat([v for _, v in done]) if len(done) > 1 else done[0][1]
+    out[idx] = vecs.cpu().numpy()
 
 
 def pick_device(num_gpus: float) -> str:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from operators import columns as C
-from operators.embedder import embed_table, length_buckets, pad_ids
+from operators.embedder import _run_splitting, embed_image_bytes, embed_table, gather_padded, length_buckets, pad_ids
 from operators.preprocess import preprocess_text
 from operators.registry import ModelOptions, load, resolve
 
@@ -41,3 +42,79 @@ def test_bucketed_batches_give_the_same_vectors_as_one_at_a_time(tiny_bert: str)
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert batched[C.KEY].to_pylist() == [str(i) for i in range(n)]  # order kept
     assert batched[C.ERR_TYPE].to_pylist()[2] == "EmptyText"
+
+
+def test_token_budget_buckets_cover_each_row_once_with_little_padding() -> None:
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(3.0, 0.6, 5000).astype(int), 3, 128)  # skewed, like real sentences
+    budget = 64 * int(lengths.mean())
+    batches = list(length_buckets(lengths, 64, max_tokens=budget, max_rows=512))
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(len(lengths)))  # every row exactly once
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    assert 1 - lengths.sum() / padded < 0.02  # sorted over the window: under 2% padding
+    assert all(len(b) * lengths[b].max() <= budget or len(b) == 1 for b in batches)
+    assert max(len(b) for b in batches) > 64 > min(len(b) for b in batches)  # short rows batch wider
+    assert max(len(b) for b in batches) <= 512
+    one_long = list(length_buckets(np.array([500, 2, 3]), 2, max_tokens=10))
+    assert [b.tolist() for b in one_long] == [[1, 2], [0]]  # a row longer than the budget goes alone
+
+
+def test_gather_padded_matches_pad_ids_on_a_sliced_column() -> None:
+    col = pa.array([[9, 9], [1, 2, 3], [4], [], [5, 6]], pa.list_(pa.int32())).slice(1)
+    values, offsets = col.values.to_numpy(), col.offsets.to_numpy()
+    rows = np.array([3, 0, 1])
+    ids, mask = gather_padded(values, offsets, rows)
+    ref_ids, ref_mask = pad_ids([np.asarray(col[int(i)].as_py(), np.int64) for i in rows])
+    assert ids.tolist() == ref_ids.tolist() and mask.tolist() == ref_mask.tolist()
+    assert ids.dtype == np.int64 and mask.dtype == np.int64
+
+
+def test_out_of_memory_batches_are_split_and_other_failures_are_not() -> None:
+    seen: list[int] = []
+
+    def run(idx: np.ndarray) -> np.ndarray:
+        seen.append(len(idx))
+        if len(idx) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return idx * 10
+
+    parts = _run_splitting(run, np.arange(6))
+    assert np.concatenate([i for i, _ in parts]).tolist() == list(range(6))
+    assert np.concatenate([v for _, v in parts]).tolist() == [0, 10, 20, 30, 40, 50]
+    assert seen[0] == 6 and max(seen[1:]) <= 3
+
+    def broken(idx: np.ndarray) -> np.ndarray:
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError):
+        _run_splitting(broken, np.arange(4))
+
+
+def test_gpu_decode_option_matches_the_cpu_path_on_cpu() -> None:
+    """embed_image_bytes (decode on the model's device) gives about the vectors of preprocess + embed_table."""
+    import io
+
+    from PIL import Image
+
+    from operators.preprocess import preprocess_images
+    from pipelines.sample_data import crops
+
+    spec = resolve("resnet18", ModelOptions(weights="random"))
+    bb = load(spec)
+    jpgs = crops("chelsea", 3, np.random.default_rng(0), size=300)
+    png = io.BytesIO()
+    Image.new("RGB", (300, 260), (200, 30, 30)).save(png, format="PNG")
+    payloads = jpgs + [png.getvalue(), b"not an image"]
+    n = len(payloads)
+    table = pa.table({C.KEY: [f"k{i}" for i in range(n)], C.SOURCE: ["s"] * n, C.PAYLOAD: pa.array(payloads, pa.binary()),
+                      C.ERR_STAGE: pa.nulls(n, pa.string()), C.ERR_TYPE: pa.nulls(n, pa.string()),
+                      C.ERR_MSG: pa.nulls(n, pa.string())})
+    gpu_path = embed_image_bytes(bb, table, batch_size=2)
+    cpu_path = embed_table(bb, preprocess_images(table, spec.preprocessing), batch_size=2)
+    assert gpu_path[C.KEY].to_pylist() == cpu_path[C.KEY].to_pylist()
+    assert gpu_path[C.ERR_STAGE].to_pylist() == [None, None, None, None, "decode"]
+    a = np.array(gpu_path[C.EMBEDDING].to_pylist()[:4])
+    b = np.array(cpu_path[C.EMBEDDING].to_pylist()[:4])
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99, cos  # torch's antialiased resize, not Pillow's: close, not identical

@@ -11,7 +11,7 @@ from PIL import Image
 from operators import columns as C
 from operators.preprocess import decode_image, preprocess_images, preprocess_text
 from operators.registry import ImagePreprocess, resolve
-from pipelines.sample_data import crops
+from pipelines.sample_data import crops, photo
 
 PRE = ImagePreprocess(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
 
@@ -73,3 +73,26 @@ def test_text_without_tokenizer_folder_fails_clearly(tmp_path) -> None:
 
     with pytest.raises(ModelLoadError, match="tokenizer"):
         preprocess_text(_records(["x"], pa.string()), TextPreprocess(tokenizer=str(tmp_path / "nothing"), max_length=8))
+
+
+def test_jpeg_draft_decode_gives_the_model_size_and_about_the_full_decode() -> None:
+    """A large JPEG is decoded at a reduced DCT scale: same crop size, nearly the same pixels."""
+    big = np.asarray(Image.fromarray(photo("astronaut")).resize((1200, 1200)))  # 4.7x the 256 resize
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="JPEG", quality=92)
+    drafted = decode_image(buf.getvalue(), PRE)
+    full = np.asarray(Image.fromarray(big).resize((256, 256), Image.Resampling.BILINEAR))[16:240, 16:240]
+    assert drafted.shape == (224, 224, 3)
+    assert np.abs(drafted.astype(int) - full.astype(int)).mean() < 6
+
+
+def test_torch_decode_matches_pillow_within_a_few_grey_levels() -> None:
+    from operators.preprocess import decode_images_torch
+
+    jpgs = crops("coffee", 2, np.random.default_rng(1), size=320)
+    out, errors = decode_images_torch(jpgs + [b"", b"junk"], PRE, device="cpu")
+    assert tuple(out.shape) == (4, 224, 224, 3) and str(out.dtype) == "torch.uint8"
+    assert errors[:2] == [None, None] and errors[2] and errors[3]
+    for i, j in enumerate(jpgs):
+        diff = np.abs(out[i].numpy().astype(int) - decode_image(j, PRE).astype(int))
+        assert diff.mean() < 4, diff.mean()
