@@ -37,11 +37,38 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import psutil  # noqa: E402
-
 from pipelines import sample_data  # noqa: E402
 
 MB = 1 << 20
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident memory of a process from /proc (None when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (Ray's workers are children of the raylet, a child of the driver)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
 
 
 class RssSampler(threading.Thread):
@@ -62,18 +89,19 @@ class RssSampler(threading.Thread):
             self.samples = 0
 
     def run(self) -> None:
-        me = psutil.Process()
+        me = os.getpid()
         while not self.stop_flag.is_set():
             try:
-                driver = me.memory_info().rss
+                driver = rss_bytes(me) or 0
                 workers: dict[int, tuple[int, str]] = {}
-                for p in psutil.process_iter(["pid", "cmdline"]):
-                    cmd = " ".join(p.info["cmdline"] or [])
-                    if p.info["pid"] != me.pid and cmd.startswith("ray::"):
-                        try:
-                            workers[p.info["pid"]] = (p.memory_info().rss, cmd.split()[0][:60])
-                        except psutil.Error:
-                            pass
+                for pid in descendants(me):  # this Ray's workers only (other Rays may run on the machine)
+                    try:
+                        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    except OSError:
+                        continue
+                    rss = rss_bytes(pid) if cmd.startswith("ray::") else None
+                    if rss:
+                        workers[pid] = (rss, cmd.split()[0][:60])
                 with self.lock:
                     self.samples += 1
                     self.driver_peak = max(self.driver_peak, driver)
@@ -81,7 +109,7 @@ class RssSampler(threading.Thread):
                         old = self.worker_peaks.get(pid, (0, name))
                         self.worker_peaks[pid] = (max(old[0], rss), name if rss >= old[0] else old[1])
                     self.workers_sum_peak = max(self.workers_sum_peak, sum(r for r, _ in workers.values()))
-            except psutil.Error:
+            except OSError:
                 pass
             self.stop_flag.wait(self.period)
 
