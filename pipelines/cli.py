@@ -13,7 +13,7 @@ from rich.table import Table
 from operators.errors import FeatxError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="featx: feature extraction and transfer learning on Ray")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages hold paths and URIs: never wrap them
 
 
 def _fail(e: BaseException) -> None:
