@@ -24,11 +24,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(BIN)/featx demo
 
+# Two pytest workers, one test file each at a time (module fixtures are built once): most tests wait on
+# process and Ray start-up, so two of them share 2 cores well. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: install
-	$(BIN)/python -m pytest -q tests -m "not slow"
+	$(PYTEST) tests -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/embed_throughput.py

@@ -65,7 +65,7 @@ class EmbedConfig(BaseModel):
     trust_remote_code: bool = False
 
     # -- declared resources (never detected)
-    batch_size: int = Field(64, ge=1, description="Rows per forward pass")
+    batch_size: int = Field(64, ge=1, description="Rows per forward pass (text: on average; batches hold about batch_size x mean tokens, short texts in wider batches)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per embedding actor; fractions allowed")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per embedding actor; fractions allowed")
     min_actors: int = Field(1, ge=1)
