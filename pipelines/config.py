@@ -73,7 +73,7 @@ class EmbedConfig(BaseModel):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     preprocess_num_cpus: float = Field(1.0, gt=0, description="CPUs per read/preprocess task")
     preprocess_memory_mb: int = Field(1024, ge=64, description="Memory reserved per read/preprocess task")
-    torch_threads: int | None = Field(None, ge=1, description="Intra-op threads per actor (default: ceil(num_cpus))")
+    torch_threads: int | None = Field(None, ge=1, description="Intra-op threads per actor (default: on a local CPU-only Ray the CPUs shared among the actors, else ceil(num_cpus))")
     embed_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per embedding actor (pins actors to nodes that offer them)")
     preprocess_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per read/preprocess task")
 

@@ -43,3 +43,19 @@ def test_small_pieces_share_blocks_but_every_actor_has_work() -> None:
     assert block_count([200] * 100, actors=4) == 8  # but at least two per actor
     assert block_count([1 << 20] * 3, actors=4) == 3  # never more blocks than pieces
     assert block_count([100 << 10] * 40, actors=1) == 16  # ~256 KB of input per block
+
+
+def test_actor_threads_use_the_local_machine_unless_told() -> None:
+    from pipelines.config import EmbedConfig
+    from pipelines.embed import actor_threads
+
+    cfg = EmbedConfig(input="in", format="jsonl", output="out")
+    assert actor_threads(cfg, cluster_cpus=2, max_actors=1, local=True) == 2  # a 2-core laptop: both cores
+    assert actor_threads(cfg, cluster_cpus=16, max_actors=4, local=True) == 4
+    assert actor_threads(cfg, cluster_cpus=64, max_actors=4, local=False) == 1  # a cluster: what the actor declared
+    cfg.num_cpus = 3.5
+    assert actor_threads(cfg, cluster_cpus=64, max_actors=4, local=False) == 4
+    cfg.num_gpus = 1
+    assert actor_threads(cfg, cluster_cpus=16, max_actors=1, local=True) == 4  # GPU actors: the declared CPUs
+    cfg.torch_threads = 6
+    assert actor_threads(cfg, cluster_cpus=2, max_actors=1, local=True) == 6  # the config wins
