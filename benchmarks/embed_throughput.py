@@ -439,7 +439,7 @@ def _ceiling_child(spec: ModelSpec, pixels: np.ndarray, batch_size: int, threads
 def ceiling_images(spec: ModelSpec, table: pa.Table, batch_size: int, ncpu: int, repeat: int) -> list[Case]:
     """The in-process ceiling: bare forward on decoded crops, for every split of the CPUs into processes x threads.
 
-    Each split runs ``procs`` forked processes of ``ncpu // procs`` torch threads on the same crops at once;
+    Each split runs ``procs`` spawned processes of ``ncpu // procs`` torch threads on the same crops at once;
     its rate is all their rows over the wall time from a common start. The best split is ``ceiling``.
     """
     import multiprocessing as mp
@@ -447,7 +447,7 @@ def ceiling_images(spec: ModelSpec, table: pa.Table, batch_size: int, ncpu: int,
     pre = spec.preprocessing
     assert isinstance(pre, ImagePreprocess)
     pixels = np.ascontiguousarray(image_array(table.filter(C.ok_mask(table))[C.INPUT], pre.crop))
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # forking after torch's thread pools started hangs the children (OpenMP)
     cases = []
     for procs in [p for p in range(1, ncpu + 1) if ncpu % p == 0]:
         threads = ncpu // procs
