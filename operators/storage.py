@@ -154,7 +154,7 @@ def list_shards(
 def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write a whole object atomically: object stores PUT whole objects; local files go through rename."""
     fs, path = get_fs(uri, storage_options)
-    if _is_local(fs):
+    if is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
         with open(tmp, "wb") as f:
@@ -173,8 +173,10 @@ def short_hash(*parts: str, n: int = 16) -> str:
 
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for the local disk's filesystem (protocols "file" / "local")."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
 
 
 def create_exclusive(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> bool:
@@ -184,7 +186,7 @@ def create_exclusive(uri: str, data: bytes, storage_options: dict[str, Any] | No
     conditional writes fall back to check-then-write; callers re-read to confirm they won.
     """
     fs, path = get_fs(uri, storage_options)
-    if _is_local(fs):
+    if is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -232,7 +234,7 @@ def move(src: str, dst: str, storage_options: dict[str, Any] | None = None) -> N
     """
     fs, spath = get_fs(src, storage_options)
     _, dpath = get_fs(dst, storage_options)
-    if _is_local(fs):
+    if is_local(fs):
         try:
             os.makedirs(os.path.dirname(dpath), exist_ok=True)
             os.replace(spath, dpath)
@@ -256,7 +258,7 @@ def delete(uris: list[str], storage_options: dict[str, Any] | None = None) -> in
         return 0
     fs, _ = get_fs(uris[0], storage_options)
     paths = [get_fs(u, storage_options)[1] for u in uris]
-    if _is_local(fs):
+    if is_local(fs):
         for p in paths:
             try:
                 os.remove(p)

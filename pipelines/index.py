@@ -18,7 +18,7 @@ import pyarrow as pa
 from operators import columns as C
 from operators.errors import InputError
 from operators.search import METRICS, ROW, reported, vectors_from_arrow
-from operators.storage import delete, get_fs, join, list_files, read_bytes, retry, write_bytes
+from operators.storage import delete, get_fs, is_local, join, list_files, read_bytes, retry, write_bytes
 
 if TYPE_CHECKING:
     from pipelines.query import FeatxTable
@@ -141,7 +141,7 @@ def _store_index(faiss: Any, index: Any, uri: str, so: dict[str, Any]) -> None:
     import tempfile
 
     fs, path = get_fs(uri, so)
-    if _local(fs):
+    if is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         faiss.write_index(index, tmp)
@@ -158,7 +158,7 @@ def _read_index(faiss: Any, uri: str, so: dict[str, Any]) -> Any | None:
     import tempfile
 
     fs, path = get_fs(uri, so)
-    if _local(fs):
+    if is_local(fs):
         return faiss.read_index(path) if os.path.exists(path) else None
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "index.faiss")
@@ -167,11 +167,6 @@ def _read_index(faiss: Any, uri: str, so: dict[str, Any]) -> Any | None:
         except FileNotFoundError:
             return None
         return faiss.read_index(local)
-
-
-def _local(fs: Any) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
 
 
 def _prepared(m: np.ndarray, metric: str) -> np.ndarray:

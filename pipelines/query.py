@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 from operators import columns as C
 from operators.errors import InputError
 from operators.search import ROW, TopK, query_matrix, row_norms, scores, vectors_from_arrow
-from operators.storage import get_fs, retry
+from operators.storage import get_fs, is_local, retry
 from pipelines.manifest import load_manifest, load_snapshot, published_files
 
 CHUNK_ROWS = 8192  # rows decoded and scored at a time: 8,192 x 384 float32 = 12 MiB
@@ -115,12 +116,13 @@ class FeatxTable:
         # buffered page-by-page reads, not whole column chunks: a 64k-row group of 384-d vectors would
         # otherwise cost ~5x its size in decode buffers (measured: 110 MB instead of 580 MB peak per file)
         opts = {"pre_buffer": False, "buffer_size": 1 << 20}
-        if _is_local(fs):  # Arrow's own file reader: faster than through a Python file object
+        if is_local(fs):  # Arrow's own file reader: faster than through a Python file object
             return retry(lambda: pq.ParquetFile(path, **opts), f"opening {uri!r}")
         return retry(lambda: pq.ParquetFile(fs.open(path, "rb"), **opts), f"opening {uri!r}")
 
-    @property
+    @cached_property
     def schema(self) -> pa.Schema:
+        """The data files' Arrow schema (the first file's footer, read once per handle)."""
         if not self.files:
             return pa.schema([pa.field(C.KEY, pa.string()), pa.field(C.SOURCE, pa.string())])
         return self._file(self.files[0]).schema_arrow
@@ -181,7 +183,7 @@ class FeatxTable:
 
         fs, _ = get_fs(self.output, self.storage_options)
         paths = [get_fs(f, self.storage_options)[1] for f in self.files]
-        if _is_local(fs):
+        if is_local(fs):
             return pads.dataset(paths, format="parquet", schema=self.schema)
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -199,7 +201,7 @@ class FeatxTable:
         fs, _ = get_fs(self.output, self.storage_options)
         if not self.files:
             con.register("raw_embeddings", self.schema.empty_table())
-        elif _is_local(fs):
+        elif is_local(fs):
             paths = [get_fs(f)[1] for f in self.files]
             con.execute(f"CREATE VIEW raw_embeddings AS SELECT * FROM read_parquet({paths!r})")
         else:
@@ -357,11 +359,6 @@ def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
-
-
-def _is_local(fs: Any) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
 
 
 def _row_filter(where: Any, schema: pa.Schema) -> Any:
