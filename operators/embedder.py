@@ -241,7 +241,8 @@ def pick_device(num_gpus: float) -> str:
 class EmbedActor:
     """Ray Data callable class: the model is loaded once per actor, in the actor."""
 
-    def __init__(self, spec: ModelSpec, batch_size: int, precision: str, num_gpus: float, torch_threads: int) -> None:
+    def __init__(self, spec: ModelSpec, batch_size: int, precision: str, num_gpus: float, torch_threads: int,
+                 decode_images: bool = False) -> None:
         import torch
 
         torch.set_num_threads(torch_threads)
@@ -252,9 +253,19 @@ class EmbedActor:
         self.backbone = load(spec, device)
         self.batch_size = batch_size
         self.precision = precision
+        # raw image bytes arrive (image_decode: actors): decode on this actor's device (nvJPEG on a GPU)
+        self.decode_images = decode_images and isinstance(spec.preprocessing, ImagePreprocess)
         self.node_id = C.current_node_id()  # recorded on each row: the run report says where embedding ran
+        self.actor_id = C.current_actor_id()  # ... and how the rows spread over the actors
+        self.ready_at = time.time()  # model loaded: the report's start-up timeline
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if os.environ.get(FAULTS_ENV):  # kill tests only; one lookup otherwise
             crash_embed_once(table[C.KEY].to_pylist())
-        return C.tag_node(embed_table(self.backbone, table, self.batch_size, self.precision), C.NODE_EMBED, self.node_id)
+        if self.decode_images and C.PAYLOAD in table.column_names:
+            out = embed_image_bytes(self.backbone, table, self.batch_size, self.precision)
+        else:
+            out = embed_table(self.backbone, table, self.batch_size, self.precision)
+        out = C.tag_node(out, C.NODE_EMBED, self.node_id)
+        out = C.tag_node(out, C.ACTOR, self.actor_id)
+        return C.stamp(C.stamp(out, C.TS_ACTOR_READY, self.ready_at), C.TS_EMBED, time.time())

@@ -161,12 +161,66 @@ def _validity(valid: np.ndarray) -> pa.Buffer:
     return pa.array(valid).buffers()[1]
 
 
-@lru_cache(maxsize=4)
-def tokenizer_for(pre: TextPreprocess) -> Any:
-    """One tokenizer per worker process and model (loading one costs ~50 ms)."""
-    from operators.backbones import load_tokenizer
+class TokenEncoder:
+    """Texts -> token ids, truncated to ``max_length``, unpadded (special tokens included).
 
-    return load_tokenizer(pre)
+    The model's ``tokenizer.json`` runs in the Rust ``tokenizers`` library directly when there is one (a
+    local folder, or the hub cache): a read task then imports neither transformers nor torch, which cost
+    ~4 s and a few hundred MB in every fresh worker. Tokenizers without that file (or with code of their
+    own) go through ``transformers.AutoTokenizer``. Both give the same ids (checked in the tests).
+    """
+
+    def __init__(self, pre: TextPreprocess) -> None:
+        self.pre = pre
+        self.fast: Any = None
+        self.auto: Any = None
+        path = None if pre.trust_remote_code else _tokenizer_json(pre)
+        if path is not None:
+            from tokenizers import Tokenizer
+
+            try:
+                tok = Tokenizer.from_file(path)
+            except Exception:  # an older or unusual file: the transformers path below decides
+                tok = None
+            if tok is not None and tok.post_processor is not None:  # adds [CLS]/[SEP] itself
+                tok.no_padding()
+                tok.enable_truncation(pre.max_length)
+                self.fast = tok
+        if self.fast is None:
+            from operators.backbones import load_tokenizer
+
+            self.auto = load_tokenizer(pre)
+
+    @property
+    def kind(self) -> str:
+        return "tokenizers" if self.fast is not None else "transformers"
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self.fast is not None:
+            return [e.ids for e in self.fast.encode_batch(texts)]
+        return self.auto(texts, truncation=True, max_length=self.pre.max_length, padding=False)["input_ids"]
+
+
+def _tokenizer_json(pre: TextPreprocess) -> str | None:
+    """The tokenizer's ``tokenizer.json`` on this machine: in its folder, or in the hub cache; else None."""
+    import os
+
+    if os.path.isdir(pre.tokenizer):
+        path = os.path.join(pre.tokenizer, "tokenizer.json")
+        return path if os.path.isfile(path) else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(pre.tokenizer, "tokenizer.json", revision=pre.revision)
+    except Exception:  # not a hub id, or no hub library
+        return None
+    return found if isinstance(found, str) else None
+
+
+@lru_cache(maxsize=4)
+def tokenizer_for(pre: TextPreprocess) -> TokenEncoder:
+    """One tokenizer per worker process and model."""
+    return TokenEncoder(pre)
 
 
 def preprocess_text(table: pa.Table, pre: TextPreprocess) -> pa.Table:
@@ -186,8 +240,7 @@ def preprocess_text(table: pa.Table, pre: TextPreprocess) -> pa.Table:
         todo.append(i)
     ids: list[Any] = [None] * len(texts)
     if todo:
-        tok = tokenizer_for(pre)
-        enc = tok([texts[i] for i in todo], truncation=True, max_length=pre.max_length, padding=False)["input_ids"]
+        enc = tokenizer_for(pre).encode([texts[i] for i in todo])
         for i, e in zip(todo, enc):
             ids[i] = e
     table = table.drop_columns([C.PAYLOAD]).append_column(C.INPUT, pa.array(ids, pa.list_(pa.int32())))

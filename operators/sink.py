@@ -39,6 +39,12 @@ RESULT_SCHEMA = pa.schema(
         pa.field("t_write", pa.float64()),
         pa.field("node_id", pa.string()),  # where the part was written
         pa.field("stage_nodes", pa.string()),  # JSON {"preprocess": {node id: rows}, "embed": {...}}: counts only
+        pa.field("actors", pa.string()),  # JSON {actor id: rows}: which embedding actors did the work
+        # wall-clock times (time.time()) of this block: preprocessed, its actor ready, embedded, written
+        pa.field("ts_preprocessed", pa.float64()),
+        pa.field("ts_actor_ready", pa.float64()),
+        pa.field("ts_embedded", pa.float64()),
+        pa.field("ts_written", pa.float64()),
     ]
 )
 
@@ -132,6 +138,9 @@ def _write_one(part: pa.Table, piece: str, opts: SinkOptions) -> dict[str, Any]:
         "t_write": time.perf_counter() - t0, "node_id": C.current_node_id(),
         "stage_nodes": json.dumps({"preprocess": C.node_counts(part, C.NODE_PRE),
                                    "embed": C.node_counts(part, C.NODE_EMBED)}),
+        "actors": json.dumps(C.node_counts(part, C.ACTOR)),
+        "ts_preprocessed": first(C.TS_PRE) or None, "ts_actor_ready": first(C.TS_ACTOR_READY) or None,
+        "ts_embedded": first(C.TS_EMBED) or None, "ts_written": time.time(),
     }
 
 

@@ -71,6 +71,10 @@ class EmbedConfig(BaseModel):
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    image_decode: Literal["tasks", "actors"] = Field(
+        "tasks", description="Where images are decoded, resized and cropped: tasks = CPU read tasks (Pillow); "
+        "actors = the embedding actors, on their own device (on a GPU: nvJPEG via torchvision.io.decode_jpeg, "
+        "for GPU pools whose CPUs cannot decode fast enough)")
     preprocess_num_cpus: float = Field(1.0, gt=0, description="CPUs per read/preprocess task")
     preprocess_memory_mb: int = Field(1024, ge=64, description="Memory reserved per read/preprocess task")
     torch_threads: int | None = Field(None, ge=1, description="Intra-op threads per actor (default: on a local CPU-only Ray the CPUs shared among the actors, else ceil(num_cpus))")
@@ -93,6 +97,9 @@ class EmbedConfig(BaseModel):
             raise ValueError(f"min_actors ({self.min_actors}) must be <= max_actors ({self.max_actors})")
         if self.precision == "fp16" and self.num_gpus == 0:
             raise ValueError("precision 'fp16' needs a GPU (num_gpus > 0); use 'fp32' or 'bf16' on CPU")
+        if self.image_decode == "actors" and self.format not in IMAGE_FORMATS:
+            raise ValueError(f"image_decode 'actors' is for image formats ({', '.join(sorted(IMAGE_FORMATS))}); "
+                             f"format {self.format!r} holds text: leave image_decode at 'tasks'")
         return self
 
     @property

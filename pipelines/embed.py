@@ -18,13 +18,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import pyarrow as pa
-
-from operators import columns as C
 from operators.embedder import EmbedActor
 from operators.errors import ConfigError, InputError, PipelineError
-from operators.preprocess import preprocess_images, preprocess_text
-from operators.readers import FORMAT_EXTENSIONS, ReadOptions, read_shard
+from operators.loading import load_pieces
+from operators.readers import FORMAT_EXTENSIONS, ReadOptions
 from operators.registry import ImagePreprocess, ModelOptions, ModelSpec, TextPreprocess, resolve
 from operators.sink import SinkOptions, carry_piece, write_piece
 from operators.storage import Shard, join, list_shards, short_hash, write_bytes
@@ -36,6 +33,7 @@ from pipelines.plan import Piece, PieceWork, plan_pieces, plan_work
 from pipelines.publish import Staging, adoptable, clean_up, commit_run
 
 LIST_CAP = 10_000  # most shard paths listed per kind in a run report
+MIN_ACTORS_WAIT_S = 1800  # min_actors > 1: work starts once they are all up; not up in this long -> the run fails
 
 
 @dataclass
@@ -78,6 +76,10 @@ class RunReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed over tasks/actors
     nodes: dict[str, int] = field(default_factory=dict)  # node id -> parts written there
     stage_nodes: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> node id -> rows it handled there
+    actor_rows: dict[str, int] = field(default_factory=dict)  # embedding actor id -> rows it embedded
+    # seconds from the command's start: Ray ready, first block preprocessed, first actor's model loaded,
+    # first block embedded, first part written, first result back at the driver
+    startup: dict[str, float] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)
     operators: list[str] = field(default_factory=list)  # Ray Data's physical operators, as executed
     cleanup: dict[str, int] = field(default_factory=dict)
@@ -120,36 +122,21 @@ def _check_output_outside_input(cfg: EmbedConfig) -> None:
 def content_fingerprint(cfg: EmbedConfig, spec: ModelSpec) -> str:
     """Everything that decides a row's output: rows are reused only between runs that agree on it."""
     column = cfg.text_column if cfg.is_text else cfg.image_column if cfg.format == "parquet-images" else ""
+    # decoding in the actors (torchvision resize) gives pixels a few grey levels off Pillow's: other rows
+    decode = ["decode=actors"] if cfg.image_decode == "actors" else []
     return short_hash(spec.fingerprint(), spec.preprocessing_fingerprint(), cfg.embedding_dtype, cfg.format, column,
-                      cfg.key_column or "", ",".join(cfg.passthrough), n=16)
+                      cfg.key_column or "", ",".join(cfg.passthrough), *decode, n=16)
 
 
-def prepare_rows(raw: pa.Table, piece: str, pre: ImagePreprocess | TextPreprocess, t_read: float) -> pa.Table:
-    """Preprocess read records and tag them with their piece (pure; runs in a Ray task or the isolator)."""
-    t1 = time.perf_counter()
-    n = raw.num_rows
-    table = preprocess_images(raw, pre) if isinstance(pre, ImagePreprocess) else preprocess_text(raw, pre)
-    table = table.append_column(C.PIECE, pa.array([piece] * n, pa.string()))
-    table = table.append_column(C.PIECE_ROWS, pa.array([n] * n, pa.int64()))
-    table = table.append_column(C.T_READ, pa.array([t_read] * n, pa.float64()))
-    table = table.append_column(C.T_PRE, pa.array([time.perf_counter() - t1] * n, pa.float64()))
-    return C.tag_node(table, C.NODE_PRE)
+def read_preprocessing(cfg: EmbedConfig, spec: ModelSpec) -> ImagePreprocess | TextPreprocess | None:
+    """What the read tasks do to records: the model's preprocessing, or nothing when the actors decode."""
+    return None if cfg.image_decode == "actors" else spec.preprocessing
 
 
-def load_piece(piece_shards: list[dict[str, Any]], piece: str, ropts: ReadOptions,
-               pre: ImagePreprocess | TextPreprocess) -> pa.Table:
-    """Read + preprocess the shards of one piece that need embedding."""
-    t0 = time.perf_counter()
-    tables = [read_shard(s["uri"], s["rel"], ropts) for s in piece_shards]
-    raw = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    return prepare_rows(raw, piece, pre, time.perf_counter() - t0)
-
-
-def load_pieces(batch: pa.Table, ropts: ReadOptions, pre: ImagePreprocess | TextPreprocess) -> pa.Table:
-    """map_batches function over piece descriptors (one row per piece)."""
-    out = [load_piece(json.loads(s), p, ropts, pre)
-           for p, s in zip(batch["piece"].to_pylist(), batch["shards"].to_pylist())]
-    return pa.concat_tables(out, promote_options="permissive") if len(out) > 1 else out[0]
+def embed_actor_args(cfg: EmbedConfig, spec: ModelSpec, torch_threads: int) -> dict[str, Any]:
+    """EmbedActor's constructor arguments (the streaming pool and the isolator build the same actor)."""
+    return {"spec": spec, "batch_size": cfg.batch_size, "precision": cfg.precision, "num_gpus": cfg.num_gpus,
+            "torch_threads": torch_threads, "decode_images": cfg.image_decode == "actors"}
 
 
 def init_ray(ray_address: str | None = None, local_resources: dict[str, float] | None = None) -> None:
@@ -262,6 +249,7 @@ class _Tracker:
 def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print, command: str = "embed") -> dict[str, Any]:
     """Run one embed (or refresh) job end to end; returns the run report (also saved beside the manifest)."""
     t_start = time.perf_counter()
+    wall_start = time.time()
     spec = model_spec(cfg)  # bad model names fail here, before any listing or Ray work
     cfp = content_fingerprint(cfg, spec)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -274,7 +262,7 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print, command
         report.lease_taken_over = lease.taken_over.describe()
         progress(f"took over a stale lease of {report.lease_taken_over}")
     try:
-        _run(cfg, spec, report, lease, progress, t_start)
+        _run(cfg, spec, report, lease, progress, t_start, wall_start)
     except BaseException as e:
         report.status, report.finished, report.error = "failed", now(), str(e)[:4000]
         _save_report(cfg, report)
@@ -285,7 +273,7 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print, command
 
 
 def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, progress: Callable[[str], None],
-         t_start: float) -> None:
+         t_start: float, wall_start: float) -> None:
     so = dict(cfg.storage_options)
     cfp = report.content_fingerprint
     previous = load_manifest(cfg.output, so)
@@ -334,6 +322,7 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
 
     records = [tracker.records[w.piece.id] for w in todo] + list(adopted.values())
     _account(report, todo, tracker, adopted)
+    report.startup = {**report.startup, **startup_timeline(_new_parts(todo, tracker), wall_start)}
     _check_error_budget(cfg, report, sink,
                         [p["error_file"] for p in _new_parts(todo, tracker) if p["error_file"]])
     changed = bool(records) or bool(removed) or previous is None or base is None
@@ -388,6 +377,20 @@ def _account(report: RunReport, todo: list[PieceWork], tracker: _Tracker, adopte
         for p in tracker.records[w.piece.id]["parts"]:
             report.nodes[p["node_id"]] = report.nodes.get(p["node_id"], 0) + 1
     report.stage_nodes = stage_nodes(parts)
+    for p in parts:
+        for actor, rows in json.loads(p.get("actors") or "{}").items():
+            report.actor_rows[actor] = report.actor_rows.get(actor, 0) + rows
+
+
+def startup_timeline(parts: list[dict[str, Any]], wall_start: float) -> dict[str, float]:
+    """Seconds from the command's start to the first block preprocessed / actor ready / embedded / written."""
+    out: dict[str, float] = {}
+    for key, name in (("ts_preprocessed", "first_preprocessed"), ("ts_actor_ready", "first_actor_ready"),
+                      ("ts_embedded", "first_embedded"), ("ts_written", "first_written")):
+        times = [p[key] for p in parts if p.get(key)]
+        if times:
+            out[name] = round(min(times) - wall_start, 3)
+    return out
 
 
 def stage_nodes(parts: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -410,6 +413,7 @@ def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[Pie
     from ray.data import ActorPoolStrategy, DataContext
 
     init_ray(cfg.ray_address, {k: 10_000.0 for k in {**cfg.preprocess_resources, **cfg.embed_resources}})
+    report.startup["ray_ready"] = round(time.perf_counter() - t_start, 3)
     report.resources = check_resources(cfg)
     carry_fn = ray.remote(num_cpus=0, max_retries=cfg.max_task_retries)(carry_piece)
     carry_queue = [(w.piece.id, list(w.carry)) for w in todo if w.carry]
@@ -430,11 +434,18 @@ def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[Pie
                 pending[carry_fn.remote(pid, sources, sink)] = pid
 
     work = [w for w in todo if w.embed]
-    items = [{"piece": w.piece.id, "shards": json.dumps([s.to_dict() for s in w.embed])} for w in work]
-    n_blocks = block_count([sum(s.size for s in w.embed) for w in work], report.resources["max_actors"])
+    sizes = [sum(s.size for s in w.embed) for w in work]
+    items, item_sizes = [], []
+    for w, size, k in zip(work, sizes, piece_slices(sizes, report.resources["max_actors"])):
+        shards_json = json.dumps([s.to_dict() for s in w.embed])
+        items += [{"piece": w.piece.id, "shards": shards_json, "slice": [i, k]} for i in range(k)]
+        item_sizes += [size // k] * k
+    n_blocks = block_count(item_sizes, report.resources["max_actors"])
     ctx = DataContext.get_current()
-    saved_errored = ctx.max_errored_blocks
+    saved_errored, saved_wait = ctx.max_errored_blocks, ctx.wait_for_min_actors_s
     ctx.max_errored_blocks = -1  # a block that fails after its retries comes back to isolation, not a crash
+    if cfg.min_actors > 1:  # the first ready actor would otherwise queue the first blocks while the others load
+        ctx.wait_for_min_actors_s = MIN_ACTORS_WAIT_S
     try:
         if items:
             with warnings.catch_warnings():
@@ -442,7 +453,7 @@ def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[Pie
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
                 ds = ray.data.from_items(items, override_num_blocks=n_blocks)
                 ds = ds.map_batches(
-                    load_pieces, fn_args=(read_options(cfg), spec.preprocessing), batch_size=None,
+                    load_pieces, fn_args=(read_options(cfg), read_preprocessing(cfg, spec)), batch_size=None,
                     batch_format="pyarrow", num_cpus=cfg.preprocess_num_cpus,
                     # declared memory per task; differing from the actors' it also keeps Ray Data from fusing
                     # this CPU stage into the embedding actors, so the two stages scale apart
@@ -451,9 +462,7 @@ def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[Pie
                 )
                 ds = ds.map_batches(
                     EmbedActor,
-                    fn_constructor_kwargs={"spec": spec, "batch_size": cfg.batch_size, "precision": cfg.precision,
-                                           "num_gpus": cfg.num_gpus,
-                                           "torch_threads": report.resources["torch_threads"]},
+                    fn_constructor_kwargs=embed_actor_args(cfg, spec, report.resources["torch_threads"]),
                     # CPU: one call per block (a whole piece: length buckets span the piece). Ray Data insists on
                     # a batch_size for GPU stages: there a call gets a window of 16 forward batches; a piece whose
                     # rows land in several output blocks is written as several parts, journalled once all are in.
@@ -469,9 +478,11 @@ def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[Pie
                                     compute=ray.data.TaskPoolStrategy(size=max(2, report.resources["max_actors"])),
                                     max_retries=cfg.max_task_retries)
             pump(block=False)
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            # prefetch_batches=0: a written part reaches the journal at once, not when the next one is ready
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 if report.seconds_to_first_result is None:
                     report.seconds_to_first_result = round(time.perf_counter() - t_start, 3)
+                    report.startup["first_result"] = report.seconds_to_first_result
                 for r in batch.to_pylist():
                     tracker.add_embedded(r)
                 pump(block=False)
@@ -481,7 +492,20 @@ def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[Pie
         raise PipelineError(f"embedding run {report.run_id} failed; nothing new was published "
                             f"(finished pieces are journalled and a rerun adopts them): {e}") from e
     finally:
-        ctx.max_errored_blocks = saved_errored
+        ctx.max_errored_blocks, ctx.wait_for_min_actors_s = saved_errored, saved_wait
+
+
+def piece_slices(sizes: list[int], actors: int) -> list[int]:
+    """In how many row slices each piece is read, so that every actor has work whatever the shard sizes.
+
+    With one actor nothing is sliced. With several, a piece holding more than 1/(2 x actors) of the input
+    (one big shard beside small ones, or a single shard) is read as that many slices (at most 4 per
+    actor), each its own block; the slices are written as parts of the piece and journalled together.
+    """
+    if actors <= 1 or not sizes:
+        return [1] * len(sizes)
+    target = max(1.0, sum(sizes) / (2 * actors))
+    return [max(1, min(4 * actors, math.ceil(s / target))) for s in sizes]
 
 
 def block_count(sizes: list[int], actors: int, min_block_bytes: int = 256 << 10) -> int:
@@ -505,9 +529,9 @@ def _isolate(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, failed: list[
         failed,
         actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus or None,
                        "resources": cfg.embed_resources or None},
-        actor_args={"spec": spec, "ropts": read_options(cfg), "sink": sink, "batch_size": cfg.batch_size,
-                    "precision": cfg.precision, "num_gpus": cfg.num_gpus,
-                    "torch_threads": report.resources.get("torch_threads") or max(1, math.ceil(cfg.num_cpus))},
+        actor_args={"ropts": read_options(cfg), "sink": sink, "read_pre": read_preprocessing(cfg, spec),
+                    "embed_args": embed_actor_args(
+                        cfg, spec, report.resources.get("torch_threads") or max(1, math.ceil(cfg.num_cpus)))},
         sink=sink, max_record_attempts=cfg.max_record_attempts,
         max_quarantined=max(3, int(cfg.max_error_fraction * max(expected, 1))), progress=progress,
     )

@@ -280,7 +280,8 @@ def run_finetune(cfg: FinetuneConfig, progress: Callable[[str], None] = print) -
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.embed import init_ray, load_pieces
+    from operators.loading import load_pieces
+    from pipelines.embed import init_ray
     from pipelines.plan import plan_pieces
 
     t_start = time.perf_counter()

@@ -21,7 +21,7 @@ from operators import columns as C
 from operators.embedder import EmbedActor
 from operators.errors import FeatxError, PipelineError
 from operators.readers import ReadOptions, read_shard
-from operators.registry import ModelSpec
+from operators.registry import ImagePreprocess, TextPreprocess
 from operators.sink import SinkOptions, write_error_rows, write_piece
 from pipelines.plan import PieceWork
 
@@ -29,11 +29,10 @@ from pipelines.plan import PieceWork
 class Isolator:
     """Ray actor: read a shard once (cached), then preprocess + embed + write any slice of it."""
 
-    def __init__(self, spec: ModelSpec, ropts: ReadOptions, sink: SinkOptions, batch_size: int, precision: str,
-                 num_gpus: float, torch_threads: int) -> None:
-        self.spec, self.ropts, self.sink = spec, ropts, sink
-        self.embed_args = {"spec": spec, "batch_size": batch_size, "precision": precision, "num_gpus": num_gpus,
-                           "torch_threads": torch_threads}
+    def __init__(self, ropts: ReadOptions, sink: SinkOptions, read_pre: ImagePreprocess | TextPreprocess | None,
+                 embed_args: dict[str, Any]) -> None:
+        self.ropts, self.sink, self.read_pre = ropts, sink, read_pre
+        self.embed_args = embed_args  # EmbedActor's, as the streaming pool builds it
         self._embedder: EmbedActor | None = None
         self._raw: dict[str, pa.Table] = {}
 
@@ -53,9 +52,9 @@ class Isolator:
         return list(zip(t[C.KEY].to_pylist(), t[C.SOURCE].to_pylist()))
 
     def process(self, piece: str, shard: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
-        from pipelines.embed import prepare_rows
+        from operators.loading import prepare_rows
 
-        rows = prepare_rows(self._table(shard).slice(lo, hi - lo), piece, self.spec.preprocessing, 0.0)
+        rows = prepare_rows(self._table(shard).slice(lo, hi - lo), piece, self.read_pre, 0.0)
         if self._embedder is None:
             self._embedder = EmbedActor(**self.embed_args)
         out = write_piece(self._embedder(rows), self.sink).to_pylist()

@@ -19,7 +19,8 @@ def reference_embeddings(inp: Path, model: str, key_column: str = "id") -> dict[
     from operators.readers import read_shard
     from operators.registry import load
     from pipelines.config import build_config
-    from pipelines.embed import model_spec, prepare_rows, read_options
+    from operators.loading import prepare_rows
+    from pipelines.embed import model_spec, read_options
 
     cfg = build_config(None, {"input": str(inp), "format": "jsonl", "output": "/unused", "model": model,
                               "key_column": key_column})

@@ -197,6 +197,24 @@ def test_bad_records_are_recorded_not_dropped(tmp_path: Path, tiny_resnet_weight
     assert sorted(errs["key"].to_pylist()) == ["broken.jpg", "truncated.jpg"]
     assert set(errs["stage"].to_pylist()) == {"decode"}
     assert m["rows"] + m["error_rows"] == n_good + 2
+    # decoding in the embedding actors (the GPU-decode option; torchvision's decoder on this CPU actor):
+    # the same records fail at decode, the good ones get about the same vectors as Pillow's preprocessing
+    out2 = tmp_path / "out-actor-decode"
+    report2 = run_embed(build_config(None, {**base, "output": str(out2), "max_error_fraction": 0.5,
+                                            "image_decode": "actors"}), progress=lambda m: None)
+    assert report2["rows_out"] == n_good and report2["error_rows"] == 2
+    assert report2["content_fingerprint"] != report["content_fingerprint"]  # other pixels: never mixed in a refresh
+    m2 = load_manifest(str(out2))
+    errs2 = pa.concat_tables([pq.read_table(out2 / f["path"]) for f in m2["error_files"]])
+    assert sorted(errs2["key"].to_pylist()) == ["broken.jpg", "truncated.jpg"]
+    assert set(errs2["stage"].to_pylist()) == {"decode"}
+    a, b = read_table(str(out)).sort_by("key"), read_table(str(out2)).sort_by("key")
+    assert a["key"].to_pylist() == b["key"].to_pylist()
+    va, vb = np.array(a["embedding"].to_pylist()), np.array(b["embedding"].to_pylist())
+    cos = (va * vb).sum(1) / (np.linalg.norm(va, axis=1) * np.linalg.norm(vb, axis=1))
+    assert cos.min() > 0.98, cos.min()
+    assert report2["startup"]["first_actor_ready"] <= report2["startup"]["first_embedded"]
+    assert sum(report2["actor_rows"].values()) == n_good + 2
 
 
 def test_duckdb_ranks_by_cosine_with_the_cast(tmp_path: Path, tiny_bert: str) -> None:
@@ -247,11 +265,22 @@ def test_a_pool_that_would_hang_is_refused(tmp_path: Path, tiny_bert: str) -> No
 def test_fractional_cpus_two_actors_and_logical_gpus_do_not_hang(tmp_path: Path, tiny_bert: str) -> None:
     n, extra = _make_input("jsonl", tmp_path / "in")
     cfg = build_config(None, {"input": str(tmp_path / "in"), "format": "jsonl", "output": str(tmp_path / "o"),
-                              "model": f"hf:{tiny_bert}", "num_cpus": 0.5, "num_gpus": 0.5, "min_actors": 1,
+                              "model": f"hf:{tiny_bert}", "num_cpus": 0.5, "num_gpus": 0.5, "min_actors": 2,
                               "max_actors": 2, "piece_max_shards": 1, **extra})
     report = run_embed(cfg, progress=lambda m: None)
     assert report["rows_out"] == n and report["pieces_processed"] == 3
     assert report["resources"]["max_actors"] == 2 and report["resources"]["cluster_gpus"] == 1
+    assert sum(report["actor_rows"].values()) == n
+    # CPU actors: with two of them each piece (a third of the input) is read in two row slices, which travel
+    # in blocks of their own (4 blocks for 6 slices here) and are written as parts of their piece
+    cpu = run_embed(cfg.model_copy(update={"num_gpus": 0.0, "output": str(tmp_path / "cpu")}), progress=lambda m: None)
+    m = load_manifest(str(tmp_path / "cpu"))
+    assert cpu["rows_out"] == m["rows"] == n and len(m["pieces"]) == 3
+    assert len(m["files"]) > 3  # some piece came back in several parts
+    assert sum(cpu["actor_rows"].values()) == n
+    keys = read_table(str(tmp_path / "cpu"))["key"].to_pylist()
+    assert len(keys) == len(set(keys)) == n  # no row lost or doubled by slicing
+    print("rows per actor (GPU-logical run, CPU run):", report["actor_rows"], cpu["actor_rows"])
     # asking for more GPUs than the cluster has is refused up front, not left waiting
     with pytest.raises(ConfigError, match="needs 2 GPUs"):
         run_embed(cfg.model_copy(update={"num_gpus": 1.0, "min_actors": 2, "max_actors": 2, "num_cpus": 0.5,

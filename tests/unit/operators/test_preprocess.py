@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -96,3 +97,43 @@ def test_torch_decode_matches_pillow_within_a_few_grey_levels() -> None:
     for i, j in enumerate(jpgs):
         diff = np.abs(out[i].numpy().astype(int) - decode_image(j, PRE).astype(int))
         assert diff.mean() < 4, diff.mean()
+
+
+def test_read_tasks_tokenize_without_transformers_and_get_the_same_ids(tmp_path) -> None:
+    """The tokenizers fast path (no transformers/torch import in read workers) == AutoTokenizer, id for id."""
+    import shutil
+    import subprocess
+    import sys
+
+    from operators.backbones import load_tokenizer
+    from operators.preprocess import TokenEncoder
+    from operators.registry import TextPreprocess
+    from pipelines.sample_data import topic_sentences
+
+    pre = resolve("minilm-l6").preprocessing
+    texts = [s for _, s in topic_sentences(max_per_topic=5)] + ["word " * 1000, "Ünïcödé  and\ttabs", "x"]
+    fast = TokenEncoder(pre)
+    assert fast.kind == "tokenizers"
+    auto = load_tokenizer(pre)
+    for max_length in (pre.max_length, 16):
+        p = TextPreprocess(tokenizer=pre.tokenizer, max_length=max_length)
+        want = auto(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
+        assert TokenEncoder(p).encode(texts) == want
+    # a folder without tokenizer.json (vocab only) takes the transformers path, same ids
+    slow_dir = tmp_path / "vocab-only"
+    slow_dir.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(pre.tokenizer) / name).exists():
+            shutil.copy(Path(pre.tokenizer) / name, slow_dir / name)
+    slow = TokenEncoder(TextPreprocess(tokenizer=str(slow_dir), max_length=pre.max_length))
+    assert slow.kind == "transformers"
+    assert slow.encode(texts[:20]) == fast.encode(texts[:20])
+    # and a fresh process tokenizing a table never imports torch or transformers
+    code = ("import sys, pyarrow as pa; from operators import columns as C; from operators.loading import prepare_rows; "
+            "from operators.registry import resolve; n=2; "
+            "t = pa.table({C.KEY: ['a','b'], C.SOURCE: ['s']*n, C.PAYLOAD: ['one text', 'two'], "
+            "C.ERR_STAGE: pa.nulls(n, pa.string()), C.ERR_TYPE: pa.nulls(n, pa.string()), C.ERR_MSG: pa.nulls(n, pa.string())}); "
+            "out = prepare_rows(t, 'p', resolve('minilm-l6').preprocessing, 0.0); "
+            "print(out.num_rows, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[3])
+    assert res.stdout.split() == ["2", "False", "False"], res.stderr[-2000:]

@@ -45,6 +45,17 @@ def test_small_pieces_share_blocks_but_every_actor_has_work() -> None:
     assert block_count([100 << 10] * 40, actors=1) == 16  # ~256 KB of input per block
 
 
+def test_big_pieces_are_read_in_slices_so_every_actor_has_work() -> None:
+    from pipelines.embed import piece_slices
+
+    assert piece_slices([10 << 20], actors=1) == [1]  # one actor: nothing to share
+    assert piece_slices([10 << 20], actors=2) == [4]  # a single shard: two slices per actor
+    assert piece_slices([90, 5, 5], actors=2) == [4, 1, 1]  # one big shard beside tiny ones
+    assert piece_slices([1] * 20, actors=2) == [1] * 20  # many even pieces already spread
+    assert piece_slices([1000], actors=16) == [32]  # two slices per actor
+    assert piece_slices([], actors=2) == []
+
+
 def test_actor_threads_use_the_local_machine_unless_told() -> None:
     from pipelines.config import EmbedConfig
     from pipelines.embed import actor_threads
