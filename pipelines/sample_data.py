@@ -117,16 +117,20 @@ def write_image_files(folder: str | Path, per_photo: int = 4, photos: tuple[str,
     return {"path": str(folder), "records": n, "shards": n}
 
 
+def sentences(text: str, min_words: int = 4) -> list[str]:
+    """The prose sentences of a documentation text: whitespace collapsed, split after . ! ?, at least
+    ``min_words`` words, list items / table rows / doctest lines left out."""
+    sents = [s.strip() for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text))]
+    return [s for s in sents if len(s.split()) >= min_words and not s.startswith(("*", "|", ">>>"))]
+
+
 def topic_sentences(min_words: int = 4, max_per_topic: int | None = None) -> list[tuple[str, str]]:
     """(topic, sentence) pairs from Python's bundled documentation, in a fixed order."""
     from pydoc_data.topics import topics
 
     out = []
     for topic in sorted(topics):
-        text = re.sub(r"\s+", " ", topics[topic])
-        sents = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)]
-        sents = [s for s in sents if len(s.split()) >= min_words and not s.startswith(("*", "|", ">>>"))]
-        out.extend((topic, s) for s in sents[:max_per_topic])
+        out.extend((topic, s) for s in sentences(topics[topic], min_words)[:max_per_topic])
     return out
 
 
@@ -140,15 +144,14 @@ def doc_sentences(limit: int, min_words: int = 4) -> list[tuple[str, str]]:
     seen: set[str] = set()
     out: list[tuple[str, str]] = []
 
-    def add(label: str, text: str) -> None:
-        for sent in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text)):
-            sent = sent.strip()
-            if len(sent.split()) >= min_words and not sent.startswith(("*", "|", ">>>")) and sent not in seen:
+    def add(label: str, sents: list[str]) -> None:
+        for sent in sents:
+            if sent not in seen:
                 seen.add(sent)
                 out.append((label, sent))
 
     for topic, sent in topic_sentences(min_words=min_words):
-        add(topic, sent)
+        add(topic, [sent])
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "site-packages", "dist-packages", "__pycache__"}
     files = sorted(f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts))
@@ -164,7 +167,7 @@ def doc_sentences(limit: int, min_words: int = 4) -> list[tuple[str, str]]:
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
                 if doc:
-                    add(label, doc)
+                    add(label, sentences(doc, min_words))
     return out[:limit]
 
 
