@@ -66,7 +66,7 @@ import torch  # noqa: E402
 
 from operators import columns as C  # noqa: E402
 from operators.backbones import Backbone  # noqa: E402
-from operators.embedder import embed_table, image_array, length_buckets, pad_ids, token_budget  # noqa: E402
+from operators.embedder import embed_table, image_array, length_buckets, pad_ids, token_batches  # noqa: E402
 from operators.preprocess import count_errors, preprocess_images, preprocess_text, tokenizer_for  # noqa: E402
 from operators.readers import FORMAT_EXTENSIONS, ReadOptions, read_shard  # noqa: E402
 from operators.registry import ImagePreprocess, ModelSpec, TextPreprocess, load, resolve  # noqa: E402
@@ -217,7 +217,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     g.add_argument("--piece-max-shards", type=int, default=1,
                    help="shards per piece (default %(default)s: one block per shard, so reading overlaps embedding)")
     g.add_argument("--featx-torch-threads", type=int, default=0,
-                   help="torch_threads of featx's actors (default 0 = --threads; featx's own default is ceil(num_cpus))")
+                   help="torch_threads of featx's actors (default 0 = --threads; featx's own default on a local "
+                        "CPU-only Ray is the CPUs shared among the actors)")
     g.add_argument("--featx-set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other featx config key for the featx case (repeatable), e.g. image_decode=actors")
     g.add_argument("--featx-timeout", type=int, default=900, help="seconds before a featx run is abandoned (default %(default)s)")
@@ -378,8 +379,7 @@ def text_batches(table: pa.Table, batch_size: int, rows: int | None = None) -> l
     ok = table.filter(C.ok_mask(table))
     seqs = [np.asarray(x, dtype=np.int64) for x in ok[C.INPUT].to_pylist()[:rows]]
     lengths = np.array([len(x) for x in seqs])
-    return [pad_ids([seqs[i] for i in idx])
-            for idx in length_buckets(lengths, batch_size, token_budget(lengths, batch_size), max_rows=8 * batch_size)]
+    return [pad_ids([seqs[i] for i in idx]) for idx in token_batches(lengths, batch_size)]
 
 
 def bare_forward_text(bb: Backbone, table: pa.Table, batch_size: int, slow_rows: int) -> list[Case]:
@@ -391,8 +391,7 @@ def bare_forward_text(bb: Backbone, table: pa.Table, batch_size: int, slow_rows:
         "bare_forward": [np.arange(s, min(s + batch_size, few)) for s in range(0, few, batch_size)],
         "bare_forward_sorted": list(length_buckets(lengths[:few], batch_size)),
         # what featx's embed_table does: sorted by token count, batches of ~batch_size x mean-length tokens
-        "bare_forward_tokens": list(length_buckets(lengths, batch_size, token_budget(lengths, batch_size),
-                                                   max_rows=8 * batch_size)),
+        "bare_forward_tokens": list(token_batches(lengths, batch_size)),
     }
     cases = []
     for name, index_batches in orders.items():

@@ -52,7 +52,7 @@ import torch  # noqa: E402
 
 from operators import columns as C  # noqa: E402
 from operators.backbones import autocast  # noqa: E402
-from operators.embedder import embed_image_bytes, embed_table, gather_padded, length_buckets, token_budget  # noqa: E402
+from operators.embedder import embed_image_bytes, embed_table, gather_padded, token_batches, token_budget  # noqa: E402
 from operators.preprocess import preprocess_images, preprocess_text, tokenizer_for  # noqa: E402
 from operators.registry import ImagePreprocess, ModelOptions, ModelSpec, load, resolve  # noqa: E402
 
@@ -469,7 +469,7 @@ def text_cases(a: argparse.Namespace, rep: Report, deadline: float) -> None:
         offsets, values = col.offsets.to_numpy(), col.values.to_numpy()
         lengths = offsets[1:] - offsets[:-1]
         budget = token_budget(lengths, bs)
-        batches = [gather_padded(values, offsets, b) for b in length_buckets(lengths, bs, budget, 8 * bs)]
+        batches = [gather_padded(values, offsets, b) for b in token_batches(lengths, bs, budget)]
         dev_batches = [(torch.from_numpy(i).to(dev), torch.from_numpy(m).to(dev)) for i, m in batches]
         padded = sum(i.size for i, _ in batches)
 

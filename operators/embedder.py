@@ -86,6 +86,13 @@ def token_budget(lengths: np.ndarray, batch_size: int) -> int:
     return max(int(lengths.max()), int(round(batch_size * float(np.mean(lengths)))))
 
 
+def token_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None = None) -> Iterator[np.ndarray]:
+    """featx's text batching: positions sorted by token count, cut into batches of about ``max_tokens``
+    padded tokens (default :func:`token_budget`), at most 8 x ``batch_size`` rows each."""
+    budget = max_tokens or token_budget(lengths, batch_size)
+    return length_buckets(lengths, batch_size, budget, max_rows=8 * batch_size)
+
+
 def image_array(col: pa.ChunkedArray | pa.Array, crop: int) -> np.ndarray:
     """fixed_size_binary crops -> uint8 [N, crop, crop, 3], zero-copy where the column is one chunk."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
@@ -132,8 +139,7 @@ def embed_table(bb: Backbone, table: pa.Table, batch_size: int, precision: str =
             offsets = ids_col.offsets.to_numpy()
             values = ids_col.values.to_numpy()  # unsliced; a sliced column's offsets index into it as they are
             lengths = (offsets[1:] - offsets[:-1])[rows]
-            budget = max_tokens or token_budget(lengths, batch_size)
-            batches = (rows[b] for b in length_buckets(lengths, batch_size, budget, max_rows=8 * batch_size))
+            batches = (rows[b] for b in token_batches(lengths, batch_size, max_tokens))
 
             def run(idx: np.ndarray) -> Any:
                 return bb.token_vectors(*gather_padded(values, offsets, idx), precision)
