@@ -322,9 +322,9 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
 
     records = [tracker.records[w.piece.id] for w in todo] + list(adopted.values())
     _account(report, todo, tracker, adopted)
-    report.startup = {**report.startup, **startup_timeline(_new_parts(todo, tracker), wall_start)}
-    _check_error_budget(cfg, report, sink,
-                        [p["error_file"] for p in _new_parts(todo, tracker) if p["error_file"]])
+    new_parts = _new_parts(todo, tracker)
+    report.startup = {**report.startup, **startup_timeline(new_parts, wall_start)}
+    _check_error_budget(cfg, report, sink, [p["error_file"] for p in new_parts if p["error_file"]])
     changed = bool(records) or bool(removed) or previous is None or base is None
     if changed:
         dims = {r["dim"] for r in records if r.get("dim")} | ({base["dim"]} if base and base.get("dim") else set())
@@ -530,8 +530,7 @@ def _isolate(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, failed: list[
         actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus or None,
                        "resources": cfg.embed_resources or None},
         actor_args={"ropts": read_options(cfg), "sink": sink, "read_pre": read_preprocessing(cfg, spec),
-                    "embed_args": embed_actor_args(
-                        cfg, spec, report.resources.get("torch_threads") or max(1, math.ceil(cfg.num_cpus)))},
+                    "embed_args": embed_actor_args(cfg, spec, report.resources["torch_threads"])},
         sink=sink, max_record_attempts=cfg.max_record_attempts,
         max_quarantined=max(3, int(cfg.max_error_fraction * max(expected, 1))), progress=progress,
     )
