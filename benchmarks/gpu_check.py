@@ -239,7 +239,7 @@ def image_cases(a: argparse.Namespace, rep: Report, deadline: float) -> None:
     pre = spec.preprocessing
     assert isinstance(pre, ImagePreprocess)
     t0 = time.perf_counter()
-    bb = load(spec, dev)
+    bb = load(spec, dev, for_inference=True)  # as featx's actors load it: batch norms folded
     load_s = time.perf_counter() - t0
     bs = a.image_batch
     print(f"{g}: loaded in {load_s:.1f} s on {dev}; batch {bs}, precision {a.precision}, "

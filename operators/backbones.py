@@ -25,6 +25,7 @@ class Backbone:
     features: Callable[..., torch.Tensor]  # inputs -> [batch, dim] pooled features (before L2 norm)
     dim: int
     device: torch.device
+    folded: int = 0  # batch norms folded into convolutions (load(..., for_inference=True)): never train these
 
     def __post_init__(self) -> None:
         pre = self.spec.preprocessing

@@ -319,8 +319,17 @@ def _finetuned_spec(folder: str, o: ModelOptions) -> ModelSpec:
     return replace(spec, name=f"finetuned:{folder}", description=f"{meta['base']} fine-tuned by featx ({folder})")
 
 
-def load(spec: ModelSpec, device: str = "cpu") -> "Any":
-    """Load the frozen backbone for a spec (once per actor). Returns a :class:`operators.backbones.Backbone`."""
+def load(spec: ModelSpec, device: str = "cpu", for_inference: bool = False) -> "Any":
+    """Load the frozen backbone for a spec (once per actor). Returns a :class:`operators.backbones.Backbone`.
+
+    ``for_inference``: embedding only, never training: batch norms are folded into their convolutions
+    (:mod:`operators.fold`; the same vectors up to float rounding, CNNs ~1.3x faster on CPU).
+    """
     from operators import backbones
 
-    return getattr(backbones, spec.loader)(spec, device)
+    bb = getattr(backbones, spec.loader)(spec, device)
+    if for_inference and isinstance(spec.preprocessing, ImagePreprocess):
+        from operators.fold import fold_batchnorm
+
+        bb.folded = fold_batchnorm(bb.module, bb.features)
+    return bb

@@ -9,6 +9,7 @@ isolates records that crash their workers, and commits by writing the manifest l
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -17,6 +18,8 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import pyarrow as pa
 
 from operators.embedder import EmbedActor
 from operators.errors import ConfigError, InputError, PipelineError
@@ -440,7 +443,8 @@ def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[Pie
         shards_json = json.dumps([s.to_dict() for s in w.embed])
         items += [{"piece": w.piece.id, "shards": shards_json, "slice": [i, k]} for i in range(k)]
         item_sizes += [size // k] * k
-    n_blocks = block_count(item_sizes, report.resources["max_actors"])
+    packing = block_groups(item_sizes, report.resources["max_actors"],
+                           IMAGE_BLOCK_BYTES if isinstance(spec.preprocessing, ImagePreprocess) else TEXT_BLOCK_BYTES)
     ctx = DataContext.get_current()
     saved_errored, saved_wait = ctx.max_errored_blocks, ctx.wait_for_min_actors_s
     ctx.max_errored_blocks = -1  # a block that fails after its retries comes back to isolation, not a crash
@@ -451,7 +455,9 @@ def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[Pie
             with warnings.catch_warnings():
                 # Ray 2.60 has no named parameter for retry counts yet; ray_remote_args still carry them
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-                ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+                # one Arrow table per block: the packing above, not an even split by count
+                bounds = [0, *itertools.accumulate(packing)]
+                ds = ray.data.from_arrow([pa.Table.from_pylist(items[a:b]) for a, b in zip(bounds, bounds[1:])])
                 ds = ds.map_batches(
                     load_pieces, fn_args=(read_options(cfg), read_preprocessing(cfg, spec)), batch_size=None,
                     batch_format="pyarrow", num_cpus=cfg.preprocess_num_cpus,
@@ -508,15 +514,38 @@ def piece_slices(sizes: list[int], actors: int) -> list[int]:
     return [max(1, min(4 * actors, math.ceil(s / target))) for s in sizes]
 
 
-def block_count(sizes: list[int], actors: int, min_block_bytes: int = 256 << 10) -> int:
-    """How many Ray Data blocks the pieces to embed travel in.
+TEXT_BLOCK_BYTES = 1 << 20  # text blocks: ~6,000 sentences, the window its length buckets are cut in
+IMAGE_BLOCK_BYTES = 256 << 10  # image pieces are scan-sized already; this only packs tiny refreshes
 
-    A piece of scan size is a block of its own; pieces smaller than ``min_block_bytes`` of input share
-    blocks (a refresh of a hundred one-line shards is a couple of blocks, not a hundred round trips), but
-    never fewer than two per actor while there are pieces enough, so every actor has work.
+
+def block_groups(sizes: list[int], actors: int, min_block_bytes: int = IMAGE_BLOCK_BYTES) -> list[int]:
+    """How the pieces (in order) are packed into Ray Data blocks: the number of pieces in each block.
+
+    The first ``actors`` blocks hold one piece each, so that every actor starts on a small block and the
+    first results come early. The rest are packed into blocks of at least ``min_block_bytes`` of input
+    (a refresh of a hundred one-line shards is a few blocks, not a hundred round trips; text sorted into
+    length buckets over a whole block pads less in larger blocks), balanced by bytes, and never fewer
+    than two blocks per actor in all while there are pieces enough, so every actor has work.
     """
-    by_bytes = -(-sum(sizes) // max(1, min_block_bytes))
-    return max(1, min(len(sizes), max(by_bytes, 2 * max(1, actors))))
+    n, actors = len(sizes), max(1, actors)
+    if not n:
+        return []
+    head = min(n, actors) if n > 2 * actors else 0
+    rest = sizes[head:]
+    if not rest:
+        return [1] * head
+    by_bytes = -(-sum(rest) // max(1, min_block_bytes))
+    k = max(1, min(len(rest), max(by_bytes, 2 * actors - head)))
+    # cut the running byte total at k-1 evenly spaced marks (each block at least one piece)
+    total, groups, taken, run = sum(rest), [], 0, 0
+    for i, size in enumerate(rest):
+        run += size
+        left_blocks, left_items = k - len(groups) - 1, len(rest) - i - 1
+        if left_blocks and (run >= total * (len(groups) + 1) / k or left_items == left_blocks):
+            groups.append(i + 1 - taken)
+            taken = i + 1
+    groups.append(len(rest) - taken)
+    return [1] * head + groups
 
 
 def _isolate(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, failed: list[PieceWork], sink: SinkOptions,

@@ -47,7 +47,7 @@ class QueryEncoder:
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
-        self.backbone = load(spec, "cpu")
+        self.backbone = load(spec, "cpu", for_inference=True)
 
     @classmethod
     def for_table(cls, table: "FeatxTable", model: str | None = None, weights: str | None = None) -> "QueryEncoder":

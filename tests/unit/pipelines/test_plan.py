@@ -36,13 +36,23 @@ def test_a_changed_fingerprint_changes_the_piece_id() -> None:
 
 
 def test_small_pieces_share_blocks_but_every_actor_has_work() -> None:
-    from pipelines.embed import block_count
+    from pipelines.embed import TEXT_BLOCK_BYTES, block_groups
 
-    assert block_count([64 << 20] * 10, actors=2) == 10  # scan-sized pieces: one block each
-    assert block_count([200] * 100, actors=1) == 2  # a refresh of 100 tiny shards: 2 blocks, not 100
-    assert block_count([200] * 100, actors=4) == 8  # but at least two per actor
-    assert block_count([1 << 20] * 3, actors=4) == 3  # never more blocks than pieces
-    assert block_count([100 << 10] * 40, actors=1) == 16  # ~256 KB of input per block
+    def blocks(sizes: list[int], actors: int, min_bytes: int = 256 << 10) -> list[int]:
+        g = block_groups(sizes, actors, min_bytes)
+        assert sum(g) == len(sizes) and min(g) >= 1  # every piece in exactly one block, in order
+        return g
+
+    assert blocks([64 << 20] * 10, actors=2) == [1] * 10  # scan-sized pieces: one block each
+    assert len(blocks([200] * 100, actors=1)) == 2  # a refresh of 100 tiny shards: 2 blocks, not 100
+    assert blocks([200] * 100, actors=1)[0] == 1  # ... the first small, for an early first result
+    assert len(blocks([200] * 100, actors=4)) == 8  # but at least two per actor
+    assert blocks([1 << 20] * 3, actors=4) == [1, 1, 1]  # never more blocks than pieces
+    assert len(blocks([100 << 10] * 40, actors=1)) == 1 + 16  # the first piece, then ~256 KB of input per block
+    text = blocks([170 << 10] * 20, actors=1, min_bytes=TEXT_BLOCK_BYTES)  # 20,000 sentences in 20 JSONL files
+    assert text[0] == 1 and len(text) == 5 and max(text) - min(text[1:]) <= 1  # then ~1 MB blocks, balanced
+    uneven = blocks([10, 10, 10, 1000, 10, 10, 10, 10], actors=1, min_bytes=500)
+    assert uneven == [1, 3, 1, 3]  # cut by bytes, not by count: the big piece ends its block
 
 
 def test_big_pieces_are_read_in_slices_so_every_actor_has_work() -> None:
