@@ -72,7 +72,7 @@ def test_token_batches_cost_less_than_a_greedy_fill_within_the_same_limits() -> 
         assert max(len(b) for b in batches) <= 8 * 64
         greedy = list(length_buckets(lengths, 64, max_tokens=budget, max_rows=8 * 64))
 
-        def total(bs: list[np.ndarray]) -> float:
+        def total(bs: list[np.ndarray], lengths: np.ndarray = lengths, cost: float = cost) -> float:
             return sum(len(b) * int(lengths[b].max()) for b in bs) + cost * len(bs)
 
         assert total(batches) <= total(greedy)
