@@ -294,16 +294,38 @@ def load_hf_text(spec: ModelSpec, device: str = "cpu") -> Backbone:
         ) from e
     dev = _device(device)
     model = _finalize(model, dev)
+    return _text_backbone(spec, model, lambda ids, mask: model(input_ids=ids, attention_mask=mask).last_hidden_state,
+                          int(model.config.hidden_size), dev)
+
+
+def load_fast_text(spec: ModelSpec, device: str = "cpu") -> Backbone | None:
+    """:mod:`operators.bert`'s encoder for a local plain-BERT folder (no transformers import), else None."""
+    from operators.bert import load_bert_encoder
+
+    src = _hf_source(spec)
+    if spec.trust_remote_code or spec.revision or not os.path.isdir(src):
+        return None
+    model = load_bert_encoder(src)
+    if model is None:
+        return None
+    dev = _device(device)
+    model = _finalize(model, dev)
+    return _text_backbone(spec, model, model, model.hidden_size, dev)
+
+
+def _text_backbone(spec: ModelSpec, module: torch.nn.Module, hidden_states: Callable[..., torch.Tensor], dim: int,
+                   dev: torch.device) -> Backbone:
+    """(ids, mask) -> last hidden state, pooled as the spec says (mean over real tokens, or CLS)."""
     pooling = spec.pooling
 
     def feats(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = hidden_states(ids, mask)
         if pooling == "cls":
             return hidden[:, 0]
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
-    return Backbone(spec, model, feats, dim=int(model.config.hidden_size), device=dev)
+    return Backbone(spec, module, feats, dim=dim, device=dev)
 
 
 def load_tokenizer(pre: TextPreprocess) -> Any:
