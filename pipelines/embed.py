@@ -522,30 +522,32 @@ def block_groups(sizes: list[int], actors: int, min_block_bytes: int = IMAGE_BLO
     """How the pieces (in order) are packed into Ray Data blocks: the number of pieces in each block.
 
     The first ``actors`` blocks hold one piece each, so that every actor starts on a small block and the
-    first results come early. The rest are packed into blocks of at least ``min_block_bytes`` of input
-    (a refresh of a hundred one-line shards is a few blocks, not a hundred round trips; text sorted into
-    length buckets over a whole block pads less in larger blocks), balanced by bytes, and never fewer
-    than two blocks per actor in all while there are pieces enough, so every actor has work.
+    first results come early; with several actors the last ``actors`` blocks do too, so that no actor
+    works alone on a big block at the end. The pieces between are packed into blocks of at least
+    ``min_block_bytes`` of input (a refresh of a hundred one-line shards is a few blocks, not a hundred
+    round trips; text sorted into length buckets over a whole block pads less in larger blocks),
+    balanced by bytes, in a multiple of the actor count (even rounds) while there are pieces enough.
     """
     n, actors = len(sizes), max(1, actors)
     if not n:
         return []
-    head = min(n, actors) if n > 2 * actors else 0
-    rest = sizes[head:]
-    if not rest:
-        return [1] * head
-    by_bytes = -(-sum(rest) // max(1, min_block_bytes))
-    k = max(1, min(len(rest), max(by_bytes, 2 * actors - head)))
+    head = actors if n > 2 * actors else 0
+    tail = actors if actors > 1 and n > 3 * actors else 0
+    body = sizes[head:n - tail]
+    if not body:
+        return [1] * n
+    k = max(-(-sum(body) // max(1, min_block_bytes)), actors)
+    k = max(1, min(len(body), -(-k // actors) * actors))  # a multiple of the actors: even rounds
     # cut the running byte total at k-1 evenly spaced marks (each block at least one piece)
-    total, groups, taken, run = sum(rest), [], 0, 0
-    for i, size in enumerate(rest):
+    total, groups, taken, run = sum(body), [], 0, 0
+    for i, size in enumerate(body):
         run += size
-        left_blocks, left_items = k - len(groups) - 1, len(rest) - i - 1
+        left_blocks, left_items = k - len(groups) - 1, len(body) - i - 1
         if left_blocks and (run >= total * (len(groups) + 1) / k or left_items == left_blocks):
             groups.append(i + 1 - taken)
             taken = i + 1
-    groups.append(len(rest) - taken)
-    return [1] * head + groups
+    groups.append(len(body) - taken)
+    return [1] * head + groups + [1] * tail
 
 
 def _isolate(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, failed: list[PieceWork], sink: SinkOptions,

@@ -46,7 +46,8 @@ def test_small_pieces_share_blocks_but_every_actor_has_work() -> None:
     assert blocks([64 << 20] * 10, actors=2) == [1] * 10  # scan-sized pieces: one block each
     assert len(blocks([200] * 100, actors=1)) == 2  # a refresh of 100 tiny shards: 2 blocks, not 100
     assert blocks([200] * 100, actors=1)[0] == 1  # ... the first small, for an early first result
-    assert len(blocks([200] * 100, actors=4)) == 8  # but at least two per actor
+    four = blocks([200] * 100, actors=4)
+    assert len(four) >= 8 and four[:4] == four[-4:] == [1] * 4  # two per actor at least; small first and last
     assert blocks([1 << 20] * 3, actors=4) == [1, 1, 1]  # never more blocks than pieces
     assert len(blocks([100 << 10] * 40, actors=1)) == 1 + 16  # the first piece, then ~256 KB of input per block
     text = blocks([170 << 10] * 20, actors=1, min_bytes=TEXT_BLOCK_BYTES)  # 20,000 sentences in 20 JSONL files
