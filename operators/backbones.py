@@ -78,10 +78,13 @@ class Backbone:
     @torch.inference_mode()
     def token_vectors(self, input_ids: np.ndarray, attention_mask: np.ndarray, precision: str = "fp32") -> torch.Tensor:
         """Like :meth:`embed_tokens`, but the float32 [B, dim] result stays on the device: no sync per batch."""
-        ids, mask = torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+        ids = torch.from_numpy(input_ids)
+        # a batch without padding (featx's length buckets make most of them so) runs with no mask at all:
+        # attention takes its fast path; checked here on the host, so a GPU never syncs for it
+        mask = None if bool(np.all(attention_mask)) else torch.from_numpy(attention_mask)
         if self.device.type == "cuda":
             ids = ids.pin_memory().to(self.device, non_blocking=True)
-            mask = mask.pin_memory().to(self.device, non_blocking=True)
+            mask = None if mask is None else mask.pin_memory().to(self.device, non_blocking=True)
         with autocast(self.device, precision):
             out = self.features(ids, mask)
         return self._finish(out)
@@ -318,10 +321,13 @@ def _text_backbone(spec: ModelSpec, module: torch.nn.Module, hidden_states: Call
     """(ids, mask) -> last hidden state, pooled as the spec says (mean over real tokens, or CLS)."""
     pooling = spec.pooling
 
-    def feats(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def feats(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``mask`` None: no padding in the batch."""
         hidden = hidden_states(ids, mask)
         if pooling == "cls":
             return hidden[:, 0]
+        if mask is None:
+            return hidden.mean(1)
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 

@@ -59,11 +59,12 @@ class BertEncoder(nn.Module):
             for _ in range(int(cfg["num_hidden_layers"])))
         self.hidden_size = hidden
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``mask`` None: no padding (attention's fast path)."""
         t = ids.shape[1]
         # one segment (token type 0) and positions 0..T-1: what BertModel uses when given neither
         x = self.ln(self.word(ids) + self.position.weight[:t] + self.token_type.weight[0])
-        keep = None if bool(mask.all()) else mask.bool()[:, None, None, :]  # no mask at all: the fast path
+        keep = None if mask is None else mask.bool()[:, None, None, :]
         for layer in self.layers:
             x = layer(x, keep)
         return x
