@@ -26,6 +26,7 @@ class Backbone:
     dim: int
     device: torch.device
     folded: int = 0  # batch norms folded into convolutions (load(..., for_inference=True)): never train these
+    mask_optional: bool = False  # features(ids, None) means "no padding" (featx's own encoders only)
 
     def __post_init__(self) -> None:
         pre = self.spec.preprocessing
@@ -79,9 +80,9 @@ class Backbone:
     def token_vectors(self, input_ids: np.ndarray, attention_mask: np.ndarray, precision: str = "fp32") -> torch.Tensor:
         """Like :meth:`embed_tokens`, but the float32 [B, dim] result stays on the device: no sync per batch."""
         ids = torch.from_numpy(input_ids)
-        # a batch without padding (featx's length buckets make most of them so) runs with no mask at all:
-        # attention takes its fast path; checked here on the host, so a GPU never syncs for it
-        mask = None if bool(np.all(attention_mask)) else torch.from_numpy(attention_mask)
+        # featx's own encoders run a batch without padding (length buckets make most so) with no mask at
+        # all: attention's fast path; checked here on the host, so a GPU never syncs for it
+        mask = None if self.mask_optional and bool(np.all(attention_mask)) else torch.from_numpy(attention_mask)
         if self.device.type == "cuda":
             ids = ids.pin_memory().to(self.device, non_blocking=True)
             mask = None if mask is None else mask.pin_memory().to(self.device, non_blocking=True)
@@ -313,7 +314,9 @@ def load_fast_text(spec: ModelSpec, device: str = "cpu") -> Backbone | None:
         return None
     dev = _device(device)
     model = _finalize(model, dev)
-    return _text_backbone(spec, model, model, model.hidden_size, dev)
+    bb = _text_backbone(spec, model, model, model.hidden_size, dev)
+    bb.mask_optional = True
+    return bb
 
 
 def _text_backbone(spec: ModelSpec, module: torch.nn.Module, hidden_states: Callable[..., torch.Tensor], dim: int,

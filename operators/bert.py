@@ -114,22 +114,34 @@ def _state_dict(src: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Te
 
 
 def load_bert_encoder(folder: str) -> BertEncoder | None:
-    """The encoder of a local plain-BERT folder (config.json + model.safetensors), or None."""
+    """The encoder of a local plain-BERT folder (config.json + float32 model.safetensors), or None.
+
+    None also for half-precision checkpoints (transformers computes those in their own dtype, so the
+    vectors would differ) and for files that do not parse (transformers then reports what is wrong).
+    """
     cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, WEIGHTS)
     if not (os.path.isfile(cfg_path) and os.path.isfile(weights)):
         return None
-    with open(cfg_path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    if not isinstance(cfg, dict) or not eligible(cfg):
-        return None
-    from safetensors.torch import load_file
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        if not isinstance(cfg, dict) or not eligible(cfg):
+            return None
+        if str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32") not in ("float32", "auto"):
+            return None
+        from safetensors.torch import load_file
 
-    sd = _state_dict(load_file(weights), int(cfg["num_hidden_layers"]))
+        tensors = load_file(weights)
+    except Exception:  # noqa: BLE001 - unreadable: the transformers path raises the error the user sees
+        return None
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors.values()):
+        return None
+    sd = _state_dict(tensors, int(cfg["num_hidden_layers"]))
     if sd is None:
         return None
     model = BertEncoder(cfg)
     try:
-        model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+        model.load_state_dict(sd, strict=True)
     except RuntimeError:  # shapes that do not fit the config: let transformers explain
         return None
     return model.eval().requires_grad_(False)

@@ -53,6 +53,24 @@ def _activation_only(bn: nn.BatchNorm2d) -> nn.Module | None:
     return None
 
 
+def _plain_conv(conv: nn.Module) -> bool:
+    """A convolution whose forward uses its ``weight`` and ``bias`` as stored (so folding into them holds).
+
+    Not: weight-standardising convs (timm's StdConv2d: the folded scale would be normalised away),
+    parametrised weights (weight_norm and the like recompute ``weight``), modules with hooks.
+    timm's Conv2dSame only pads its input first, which folding does not touch.
+    """
+    if not isinstance(conv, nn.Conv2d) or isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        return False
+    if type(conv).forward is not nn.Conv2d.forward and type(conv).__name__ != "Conv2dSame":
+        return False
+    return not nn.utils.parametrize.is_parametrized(conv) and not _hooked(conv)
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
 def fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """Put ``bn``'s eval-mode affine map into ``conv``'s weight and bias (in place)."""
     with torch.no_grad():
@@ -90,9 +108,12 @@ def fold_batchnorm(root: nn.Module, fn: Callable[[torch.Tensor], Any] | None = N
     base = "inner."
     mods = dict(root.named_modules())
     calls: dict[str, int] = {}
+    read: set[str] = set()  # modules whose tensors the graph reads directly (tied or shared weights)
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr":
+            read.add(str(node.target).rpartition(".")[0])
     folded = 0
     for node in graph.nodes:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
@@ -102,9 +123,13 @@ def fold_batchnorm(root: nn.Module, fn: Callable[[torch.Tensor], Any] | None = N
         if not isinstance(bn, nn.BatchNorm2d) or not hasattr(src, "op") or src.op != "call_module":
             continue
         conv = mods.get(src.target.removeprefix(base))
-        if not isinstance(conv, nn.Conv2d) or len(src.users) != 1 or bn.running_var is None:
+        if conv is None or not _plain_conv(conv) or len(src.users) != 1:
+            continue
+        if bn.training or bn.running_var is None or bn.running_mean is None or _hooked(bn):
             continue
         if calls[node.target] != 1 or calls[src.target] != 1 or conv.out_channels != bn.num_features:
+            continue
+        if node.target in read or src.target in read:
             continue
         rest = _activation_only(bn)
         if rest is None:

@@ -514,7 +514,7 @@ def piece_slices(sizes: list[int], actors: int) -> list[int]:
     return [max(1, min(4 * actors, math.ceil(s / target))) for s in sizes]
 
 
-TEXT_BLOCK_BYTES = 1 << 20  # text blocks: ~6,000 sentences, the window its length buckets are cut in
+TEXT_BLOCK_BYTES = 1 << 20  # text blocks: ~5,000-6,000 sentences of JSONL, the window its length buckets are cut in
 IMAGE_BLOCK_BYTES = 256 << 10  # image pieces are scan-sized already; this only packs tiny refreshes
 
 

@@ -40,6 +40,16 @@ def test_minilm_fast_encoder_gives_transformers_vectors() -> None:
         np.testing.assert_allclose(fast.embed_tokens(ids, mask), hf.embed_tokens(ids, mask), atol=2e-6)
 
 
+def test_cls_pooling_matches_transformers_too(tiny_bert: str) -> None:
+    from operators.registry import ModelOptions
+
+    spec = resolve(f"hf:{tiny_bert}", ModelOptions(pooling="cls"))
+    hf, fast = load(spec, "cpu"), load(spec, "cpu", for_inference=True)
+    assert fast.mask_optional and not hf.mask_optional  # transformers' modules always get the mask
+    for ids, mask in _batches(spec, SENTENCES):
+        np.testing.assert_allclose(fast.embed_tokens(ids, mask), hf.embed_tokens(ids, mask), atol=1e-5)
+
+
 def test_a_fresh_process_embeds_with_the_fast_encoder_without_transformers() -> None:
     code = ("import sys; from operators.registry import load, resolve; import numpy as np; "
             "bb = load(resolve('minilm-l6'), 'cpu', for_inference=True); "
@@ -81,6 +91,16 @@ def test_tiny_bert_matches_transformers_and_other_architectures_step_aside(tiny_
         cfg = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**cfg, **change}))
         assert load_bert_encoder(str(folder)) is None  # transformers runs these
+    half = tmp_path / "fp16"  # transformers computes a half checkpoint in half: not the same vectors
+    shutil.copytree(tiny_bert, half)
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v.half() for k, v in load_file(str(half / "model.safetensors")).items()}, str(half / "model.safetensors"))
+    assert load_bert_encoder(str(half)) is None
+    (tmp_path / "broken").mkdir()
+    shutil.copy(Path(tiny_bert) / "config.json", tmp_path / "broken" / "config.json")
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert load_bert_encoder(str(tmp_path / "broken")) is None  # transformers reports the error
     (tmp_path / "no-weights").mkdir()
     shutil.copy(Path(tiny_bert) / "config.json", tmp_path / "no-weights" / "config.json")
     assert load_bert_encoder(str(tmp_path / "no-weights")) is None

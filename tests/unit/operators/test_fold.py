@@ -53,9 +53,28 @@ def test_featx_inference_load_folds_timm_norm_act_layers_and_keeps_the_vectors()
     assert np.all(np.sum(a * b, axis=1) > 0.99999)
 
 
-def test_text_models_are_not_touched():
-    bb = load(resolve("minilm-l6"), "cpu", for_inference=True)
-    assert bb.folded == 0
+class _StdConv(nn.Conv2d):
+    """Weight-standardising conv (as timm's StdConv2d): a folded scale would be normalised away."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_convs_that_rework_their_weight_are_not_folded():
+    torch.manual_seed(0)
+    std = _random_stats(nn.Sequential(_StdConv(3, 4, 3), nn.BatchNorm2d(4)))
+    normed = _random_stats(nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4)))
+    hooked = _random_stats(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    hooked[0].register_forward_hook(lambda m, i, o: o * 2)
+    x = torch.randn(2, 3, 12, 12)
+    for model in (std, normed, hooked):
+        with torch.inference_mode():
+            ref = model(x)
+        assert fold_batchnorm(model) == 0
+        assert isinstance(model[1], nn.BatchNorm2d)
+        with torch.inference_mode():
+            assert torch.equal(model(x), ref)
 
 
 class _Branchy(nn.Module):
