@@ -604,7 +604,8 @@ def run_in_process(modality: Modality, work: Path, s: Settings, res: ModalityRes
     res.checks["featx_model_batch_norms_folded"] = fb.folded
     raw, table = read_all(modality, data, spec.preprocessing)
     warm_up(bb, table, bs)
-    warm_up(fb, table, bs)
+    if fb is not bb:
+        warm_up(fb, table, bs)
     steps: list[tuple[str, Callable[[], None]]] = []
     if "plain" not in s.skip:
         def plain() -> None:

@@ -314,13 +314,11 @@ def load_fast_text(spec: ModelSpec, device: str = "cpu") -> Backbone | None:
         return None
     dev = _device(device)
     model = _finalize(model, dev)
-    bb = _text_backbone(spec, model, model, model.hidden_size, dev)
-    bb.mask_optional = True
-    return bb
+    return _text_backbone(spec, model, model, model.hidden_size, dev, mask_optional=True)
 
 
 def _text_backbone(spec: ModelSpec, module: torch.nn.Module, hidden_states: Callable[..., torch.Tensor], dim: int,
-                   dev: torch.device) -> Backbone:
+                   dev: torch.device, mask_optional: bool = False) -> Backbone:
     """(ids, mask) -> last hidden state, pooled as the spec says (mean over real tokens, or CLS)."""
     pooling = spec.pooling
 
@@ -334,7 +332,7 @@ def _text_backbone(spec: ModelSpec, module: torch.nn.Module, hidden_states: Call
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
-    return Backbone(spec, module, feats, dim=dim, device=dev)
+    return Backbone(spec, module, feats, dim=dim, device=dev, mask_optional=mask_optional)
 
 
 def load_tokenizer(pre: TextPreprocess) -> Any:

@@ -108,20 +108,19 @@ def token_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None =
     order = np.argsort(lengths, kind="stable")
     width, count = np.unique(np.maximum(lengths[order], 1).astype(np.int64), return_counts=True)
     ends = np.concatenate([[0], np.cumsum(count)])  # rows before each distinct length
+    per_batch = np.minimum(cap, np.maximum(1, budget // width))  # rows a batch padded to each length may hold
     best = np.zeros(len(width) + 1)
     start = np.zeros(len(width) + 1, dtype=np.int64)
     for g in range(1, len(width) + 1):  # best[g]: all rows of the g shortest lengths batched
         rows = ends[g] - ends[:g]  # a segment from each earlier length change up to this one
-        per_batch = min(cap, max(1, budget // int(width[g - 1])))
-        total = best[:g] + rows * width[g - 1] + np.ceil(rows / per_batch) * cost
+        total = best[:g] + rows * width[g - 1] + np.ceil(rows / per_batch[g - 1]) * cost
         start[g] = int(np.argmin(total))
         best[g] = total[start[g]]
     segments, g = [], len(width)
-    while g > 0:
-        segments.append((int(ends[start[g]]), int(ends[g]), int(width[g - 1])))
+    while g > 0:  # (first row, end row, rows per batch) of each segment, last first
+        segments.append((int(ends[start[g]]), int(ends[g]), int(per_batch[g - 1])))
         g = int(start[g])
-    return (part for a, b, w in reversed(segments)
-            for part in np.array_split(order[a:b], -(-(b - a) // min(cap, max(1, budget // w)))))
+    return (part for a, b, k in reversed(segments) for part in np.array_split(order[a:b], -(-(b - a) // k)))
 
 
 def image_array(col: pa.ChunkedArray | pa.Array, crop: int) -> np.ndarray:
