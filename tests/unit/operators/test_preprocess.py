@@ -87,6 +87,27 @@ def test_jpeg_draft_decode_gives_the_model_size_and_about_the_full_decode() -> N
     assert np.abs(drafted.astype(int) - full.astype(int)).mean() < 6
 
 
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (301, 257), (120, 90)])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_crop_box_resize_matches_resizing_the_whole_image_then_cropping(size: tuple[int, int],
+                                                                       interpolation: str) -> None:
+    """Only the crop's source box is resampled; the pixels are those of the textbook resize-then-crop
+    (the filter reaches past the box as it would in the full image): float rounding apart."""
+    pre = ImagePreprocess(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation=interpolation)
+    img = Image.fromarray(photo("astronaut")).resize(size)  # wide, tall, odd, smaller than the crop
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")  # lossless: the decode adds nothing
+    w, h = size
+    s = 256 / min(w, h)
+    nw, nh = max(224, round(w * s)), max(224, round(h * s))
+    left, top = (nw - 224) // 2, (nh - 224) // 2
+    full = np.asarray(img.resize((nw, nh), {"bilinear": Image.Resampling.BILINEAR,
+                                            "bicubic": Image.Resampling.BICUBIC}[interpolation]))
+    expected = full[top:top + 224, left:left + 224].astype(int)
+    diff = np.abs(decode_image(buf.getvalue(), pre).astype(int) - expected)
+    assert diff.max() <= 2 and (diff > 0).mean() < 5e-3, (diff.max(), (diff > 0).mean())
+
+
 def test_torch_decode_matches_pillow_within_a_few_grey_levels() -> None:
     from operators.preprocess import decode_images_torch
 
