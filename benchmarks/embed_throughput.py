@@ -462,19 +462,28 @@ def dataloader_images(folder: Path, out_dir: Path, bb: Backbone, batch_size: int
     }), dict(zip(keys, v))
 
 
-def _ceiling_child(spec: ModelSpec, batches: list[Any], threads: int, repeat: int, start: Any, done: Any) -> None:
-    torch.set_num_threads(threads)
+def _ceiling_child(spec: ModelSpec, batches: list[Any], threads: int, repeat: int, start: Any, done: Any,
+                   streams: int = 1) -> None:
+    """One process of a split: every batch ``repeat`` times; with ``streams`` > 1, that many threads each
+    run every batch (one batch per thread at a time, ``threads // streams`` torch threads each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.set_num_threads(max(1, threads // streams))
     bb = load(spec, "cpu")
 
     def run(b: Any) -> Any:
         return bb.embed_images(b) if isinstance(b, np.ndarray) else bb.embed_tokens(*b)
 
+    def all_batches(_: int = 0) -> None:
+        for _ in range(repeat):
+            for b in batches:
+                run(b)
+
     run(batches[0])  # warm-up
     start.wait()
-    for _ in range(repeat):
-        for b in batches:
-            run(b)
-    done.put(sum(len(b) if isinstance(b, np.ndarray) else len(b[0]) for b in batches) * repeat)
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(all_batches, range(streams)))
+    done.put(sum(len(b) if isinstance(b, np.ndarray) else len(b[0]) for b in batches) * repeat * streams)
 
 
 def ceiling_cases(spec: ModelSpec, table: pa.Table, batch_size: int, ncpu: int, repeat: int,
@@ -483,7 +492,9 @@ def ceiling_cases(spec: ModelSpec, table: pa.Table, batch_size: int, ncpu: int, 
 
     Each split runs ``procs`` spawned processes of ``ncpu // procs`` torch threads on the same batches at once
     (images: decoded crops; text: the first ``text_rows`` rows in token-count batches); its rate is all
-    their rows over the wall time from a common start. The best split is ``ceiling``.
+    their rows over the wall time from a common start. A process of several threads is also run as that
+    many single-thread streams (threads each running their own batches, as featx's CPU streams do). The
+    best split is ``ceiling``.
     """
     import multiprocessing as mp
 
@@ -495,10 +506,10 @@ def ceiling_cases(spec: ModelSpec, table: pa.Table, batch_size: int, ncpu: int, 
         batches = text_batches(table, batch_size, text_rows)
     ctx = mp.get_context("spawn")  # forking after torch's thread pools started hangs the children (OpenMP)
     cases = []
-    for procs in [p for p in range(1, ncpu + 1) if ncpu % p == 0]:
-        threads = ncpu // procs
+    splits = [(p, ncpu // p, s) for p in range(1, ncpu + 1) if ncpu % p == 0 for s in sorted({1, ncpu // p})]
+    for procs, threads, streams in splits:
         start, done = ctx.Barrier(procs + 1), ctx.Queue()
-        children = [ctx.Process(target=_ceiling_child, args=(spec, batches, threads, repeat, start, done))
+        children = [ctx.Process(target=_ceiling_child, args=(spec, batches, threads, repeat, start, done, streams))
                     for _ in range(procs)]
         for c in children:
             c.start()
@@ -508,8 +519,8 @@ def ceiling_cases(spec: ModelSpec, table: pa.Table, batch_size: int, ncpu: int, 
         seconds = time.perf_counter() - t0
         for c in children:
             c.join()
-        cases.append(Case(f"split_{procs}x{threads}", rows, seconds, notes={
-            "processes": procs, "threads_per_process": threads,
+        cases.append(Case(f"split_{procs}x{threads}" + ("_streams" if streams > 1 else ""), rows, seconds, notes={
+            "processes": procs, "threads_per_process": threads, "streams_per_process": streams,
             "excludes": "read, decode/tokenize (done beforehand), model load and a warm-up batch per process"}))
     best = max(cases, key=lambda c: c.rows_per_second)
     return cases + [Case("ceiling", best.rows, best.seconds, notes={**best.notes, "best_split": best.name})]
@@ -700,6 +711,7 @@ LABELS: dict[str, str] = {
     "dataloader": "DataLoader script",
     "split_1x2": "bare fwd 1 proc x 2 threads",
     "split_2x1": "bare fwd 2 procs x 1 thread",
+    "split_1x2_streams": "bare fwd 1 proc x 2 streams x 1 thread",
     "ceiling": "ceiling (best split)",
     "sentence_transformers": "SentenceTransformer.encode",
 }

@@ -130,11 +130,14 @@ def _write_one(part: pa.Table, piece: str, opts: SinkOptions) -> dict[str, Any]:
     def first(col: str) -> float:
         return float(part[col][0].as_py()) if col in part.column_names and part.num_rows else 0.0
 
+    def total(col: str) -> float:  # stage seconds: the sum of the part's rows' shares
+        return float(pc.sum(part[col]).as_py() or 0.0) if col in part.column_names and part.num_rows else 0.0
+
     return {
         "piece": piece, "data_file": data_file, "rows": out.num_rows, "error_file": error_file,
         "error_rows": errs.num_rows, "bytes": nbytes, "dim": dim,
         "piece_rows": int(part[C.PIECE_ROWS][0].as_py()) if C.PIECE_ROWS in part.column_names else part.num_rows,
-        "t_read": first(C.T_READ), "t_preprocess": first(C.T_PRE), "t_embed": first(C.T_EMBED),
+        "t_read": total(C.T_READ), "t_preprocess": total(C.T_PRE), "t_embed": total(C.T_EMBED),
         "t_write": time.perf_counter() - t0, "node_id": C.current_node_id(),
         "stage_nodes": json.dumps({"preprocess": C.node_counts(part, C.NODE_PRE),
                                    "embed": C.node_counts(part, C.NODE_EMBED)}),

@@ -78,6 +78,7 @@ class EmbedConfig(BaseModel):
     preprocess_num_cpus: float = Field(1.0, gt=0, description="CPUs per read/preprocess task")
     preprocess_memory_mb: int = Field(1024, ge=64, description="Memory reserved per read/preprocess task")
     torch_threads: int | None = Field(None, ge=1, description="Intra-op threads per actor (default: on a local CPU-only Ray the CPUs shared among the actors, else ceil(num_cpus))")
+    cpu_streams: int | None = Field(None, ge=1, description="Batches a CPU actor runs side by side, its torch_threads split among them (default: one single-thread batch per thread, at most 4; 1 = one batch on all threads). GPU actors run one")
     embed_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per embedding actor (pins actors to nodes that offer them)")
     preprocess_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per read/preprocess task")
 

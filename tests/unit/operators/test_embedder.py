@@ -6,8 +6,8 @@ import pyarrow as pa
 import pytest
 
 from operators import columns as C
-from operators.embedder import (_run_splitting, embed_image_bytes, embed_table, gather_padded, length_buckets, pad_ids,
-                                token_batches)
+from operators.embedder import (_run_splitting, embed_image_bytes, embed_table, even_batches, gather_padded,
+                                length_buckets, pad_ids, token_batches)
 from operators.preprocess import preprocess_text
 from operators.registry import ModelOptions, load, resolve
 
@@ -134,11 +134,96 @@ def test_gpu_decode_option_matches_the_cpu_path_on_cpu() -> None:
     table = pa.table({C.KEY: [f"k{i}" for i in range(n)], C.SOURCE: ["s"] * n, C.PAYLOAD: pa.array(payloads, pa.binary()),
                       C.ERR_STAGE: pa.nulls(n, pa.string()), C.ERR_TYPE: pa.nulls(n, pa.string()),
                       C.ERR_MSG: pa.nulls(n, pa.string())})
-    gpu_path = embed_image_bytes(bb, table, batch_size=2)
+    gpu_path = embed_image_bytes(bb, table, batch_size=2, torch_decode=True)  # the GPU path's code, on the CPU
     cpu_path = embed_table(bb, preprocess_images(table, spec.preprocessing), batch_size=2)
+    in_cpu_actor = embed_image_bytes(bb, table, batch_size=2)  # a CPU actor decodes as the read task would
+    assert in_cpu_actor[C.ERR_STAGE].to_pylist() == cpu_path[C.ERR_STAGE].to_pylist()
+    assert in_cpu_actor[C.EMBEDDING].to_pylist() == cpu_path[C.EMBEDDING].to_pylist()
     assert gpu_path[C.KEY].to_pylist() == cpu_path[C.KEY].to_pylist()
     assert gpu_path[C.ERR_STAGE].to_pylist() == [None, None, None, None, "decode"]
     a = np.array(gpu_path[C.EMBEDDING].to_pylist()[:4])
     b = np.array(cpu_path[C.EMBEDDING].to_pylist()[:4])
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.99, cos  # torch's antialiased resize, not Pillow's: close, not identical
+
+
+@pytest.mark.parametrize("n,batch,streams", [(252, 32, 2), (7, 32, 2), (1, 4, 3), (100, 10, 4), (33, 8, 1)])
+def test_even_batches_end_together(n: int, batch: int, streams: int) -> None:
+    rows = np.arange(n) * 3
+    batches = even_batches(rows, batch, streams)
+    assert np.concatenate(batches).tolist() == rows.tolist()  # every row once, in order
+    sizes = [len(b) for b in batches]
+    assert max(sizes) <= batch and max(sizes) - min(sizes) <= 1
+    assert len(batches) % streams == 0 or len(batches) == n  # a multiple of the streams, unless rows run out
+    assert even_batches(np.arange(0), batch, streams) == []
+
+
+def _image_table(n: int) -> pa.Table:
+    from pipelines.sample_data import crops
+
+    payloads = crops("chelsea", n, np.random.default_rng(1), size=160)
+    return pa.table({C.KEY: [f"k{i}" for i in range(n)], C.SOURCE: ["s"] * n, C.PAYLOAD: pa.array(payloads, pa.binary()),
+                     C.ERR_STAGE: pa.nulls(n, pa.string()), C.ERR_TYPE: pa.nulls(n, pa.string()),
+                     C.ERR_MSG: pa.nulls(n, pa.string())})
+
+
+def test_streams_give_the_vectors_of_one_batch_at_a_time(tiny_bert: str) -> None:
+    """Batches side by side on a pool (CPU streams) change nothing but the speed: same rows, same vectors."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from operators.preprocess import preprocess_images
+
+    img = resolve("resnet18", ModelOptions(weights="random"))
+    ibb = load(img, for_inference=True)
+    images = preprocess_images(_image_table(11), img.preprocessing)
+    txt = resolve(f"hf:{tiny_bert}", ModelOptions(pooling="mean"))
+    tbb = load(txt)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+    texts = [" ".join(words[: 1 + i % 11]) for i in range(40)]
+    n = len(texts)
+    table = pa.table({C.KEY: [str(i) for i in range(n)], C.SOURCE: ["s"] * n, C.PAYLOAD: texts,
+                      C.ERR_STAGE: pa.nulls(n, pa.string()), C.ERR_TYPE: pa.nulls(n, pa.string()),
+                      C.ERR_MSG: pa.nulls(n, pa.string())})
+    tokens = preprocess_text(table, txt.preprocessing)
+    with ThreadPoolExecutor(2) as pool:
+        for bb, t, bs in ((ibb, images, 3), (tbb, tokens, 4)):
+            one = embed_table(bb, t, bs)
+            side_by_side = embed_table(bb, t, bs, pool=pool)
+            assert side_by_side[C.KEY].to_pylist() == one[C.KEY].to_pylist()
+            np.testing.assert_allclose(np.array(side_by_side[C.EMBEDDING].to_pylist()),
+                                       np.array(one[C.EMBEDDING].to_pylist()), atol=1e-5)
+
+
+def test_a_failing_batch_on_a_stream_marks_its_rows_and_the_others_embed() -> None:
+    """A forward pass that fails on one stream records that batch's rows as errors; the rest are embedded."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from operators.preprocess import preprocess_images
+
+    spec = resolve("resnet18", ModelOptions(weights="random"))
+    bb = load(spec, for_inference=True)
+    real = bb.features
+
+    def refuses_a_black_image(x: torch.Tensor) -> torch.Tensor:  # the real model, but one input it cannot take
+        if bool((x.flatten(2).std(2).amax(1) == 0).any()):  # a flat (one-colour) image
+            raise ValueError("blank input")
+        return real(x)
+
+    bb = dataclasses.replace(bb, features=refuses_a_black_image)
+    table = _image_table(8)
+    black = preprocess_images(table, spec.preprocessing)
+    crops_col = black[C.INPUT].combine_chunks()
+    size = spec.preprocessing.crop ** 2 * 3
+    data = bytearray(crops_col.buffers()[1].to_pybytes())
+    data[5 * size:6 * size] = bytes(size)  # row 5 is all black
+    col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(size), len(crops_col), [None, pa.py_buffer(bytes(data))])
+    black = black.set_column(black.schema.get_field_index(C.INPUT), C.INPUT, col)
+    with ThreadPoolExecutor(2) as pool:
+        out = embed_table(bb, black, 2, pool=pool)
+    stages = out[C.ERR_STAGE].to_pylist()
+    assert stages == [None] * 4 + ["embed", "embed"] + [None] * 2  # batch [4, 5] failed; order kept
+    assert out[C.ERR_TYPE].to_pylist()[5] == "ValueError" and "'k4'" in out[C.ERR_MSG].to_pylist()[4]
+    assert out[C.EMBEDDING].null_count == 2 and out.num_rows == 8
