@@ -11,7 +11,7 @@ import collections
 import logging
 import os
 import time
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -140,7 +140,7 @@ def vectors_to_arrow(vectors: np.ndarray, valid: np.ndarray, dim: int) -> pa.Fix
 
 
 def embed_table(bb: Backbone, table: pa.Table, batch_size: int, precision: str = "fp32",
-                max_tokens: int | None = None, pool: Executor | None = None) -> pa.Table:
+                max_tokens: int | None = None, pool: Streams | None = None) -> pa.Table:
     """Add the ``embedding`` column; rows already in error (or failing here) get null and keep their error.
 
     Text rows are sorted by token count over the whole table and cut into batches of about ``max_tokens``
@@ -197,7 +197,7 @@ def embed_table(bb: Backbone, table: pa.Table, batch_size: int, precision: str =
 
 
 def embed_image_bytes(bb: Backbone, table: pa.Table, batch_size: int, precision: str = "fp32",
-                      pool: Executor | None = None, torch_decode: bool | None = None) -> pa.Table:
+                      pool: Streams | None = None, torch_decode: bool | None = None) -> pa.Table:
     """Raw image bytes (the ``payload`` column) -> ``embedding``, decoding in the actor.
 
     On a GPU, :func:`operators.preprocess.decode_images_torch` replaces the CPU preprocess task (nvJPEG on
@@ -254,8 +254,22 @@ def _is_oom(e: BaseException) -> bool:
     return "out of memory" in str(e).lower()
 
 
-def _width(pool: Executor | None) -> int:
-    return getattr(pool, "_max_workers", 1) if pool is not None else 1
+class Streams:
+    """``width`` threads that run batches side by side (a CPU actor's streams; see :class:`EmbedActor`)."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.executor = ThreadPoolExecutor(width, thread_name_prefix="featx-stream")
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        return self.executor.submit(fn, *args)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+def _width(pool: Streams | None) -> int:
+    return pool.width if pool is not None else 1
 
 
 def even_batches(rows: np.ndarray, batch_size: int, streams: int = 1) -> list[np.ndarray]:
@@ -270,7 +284,7 @@ def even_batches(rows: np.ndarray, batch_size: int, streams: int = 1) -> list[np
 
 
 def run_batches(run: Callable[[np.ndarray], Any], batches: Iterator[np.ndarray],
-                pool: Executor | None = None) -> Iterator[tuple[np.ndarray, list[tuple[np.ndarray, Any]] | Exception]]:
+                pool: Streams | None = None) -> Iterator[tuple[np.ndarray, list[tuple[np.ndarray, Any]] | Exception]]:
     """(batch, its ``_run_splitting`` results or the exception it raised), one batch at a time or, with a
     ``pool``, side by side on its threads (at most two batches queued per thread: inputs are cut lazily)."""
     def one(idx: np.ndarray) -> list[tuple[np.ndarray, Any]] | Exception:
@@ -355,7 +369,7 @@ class EmbedActor:
         self.backbone = load(spec, device, for_inference=True)
         self.batch_size = batch_size
         self.precision = precision
-        self.pool = ThreadPoolExecutor(streams, thread_name_prefix="featx-stream") if streams > 1 else None
+        self.pool = Streams(streams) if streams > 1 else None
         # raw image bytes arrive (image_decode: actors): decode on this actor's device (nvJPEG on a GPU)
         self.decode_images = decode_images and isinstance(spec.preprocessing, ImagePreprocess)
         self.node_id = C.current_node_id()  # recorded on each row: the run report says where embedding ran

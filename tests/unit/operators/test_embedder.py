@@ -169,8 +169,7 @@ def _image_table(n: int) -> pa.Table:
 
 def test_streams_give_the_vectors_of_one_batch_at_a_time(tiny_bert: str) -> None:
     """Batches side by side on a pool (CPU streams) change nothing but the speed: same rows, same vectors."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    from operators.embedder import Streams
     from operators.preprocess import preprocess_images
 
     img = resolve("resnet18", ModelOptions(weights="random"))
@@ -185,22 +184,23 @@ def test_streams_give_the_vectors_of_one_batch_at_a_time(tiny_bert: str) -> None
                       C.ERR_STAGE: pa.nulls(n, pa.string()), C.ERR_TYPE: pa.nulls(n, pa.string()),
                       C.ERR_MSG: pa.nulls(n, pa.string())})
     tokens = preprocess_text(table, txt.preprocessing)
-    with ThreadPoolExecutor(2) as pool:
-        for bb, t, bs in ((ibb, images, 3), (tbb, tokens, 4)):
-            one = embed_table(bb, t, bs)
-            side_by_side = embed_table(bb, t, bs, pool=pool)
-            assert side_by_side[C.KEY].to_pylist() == one[C.KEY].to_pylist()
-            np.testing.assert_allclose(np.array(side_by_side[C.EMBEDDING].to_pylist()),
-                                       np.array(one[C.EMBEDDING].to_pylist()), atol=1e-5)
+    pool = Streams(2)
+    for bb, t, bs in ((ibb, images, 3), (tbb, tokens, 4)):
+        one = embed_table(bb, t, bs)
+        side_by_side = embed_table(bb, t, bs, pool=pool)
+        assert side_by_side[C.KEY].to_pylist() == one[C.KEY].to_pylist()
+        np.testing.assert_allclose(np.array(side_by_side[C.EMBEDDING].to_pylist()),
+                                   np.array(one[C.EMBEDDING].to_pylist()), atol=1e-5)
+    pool.shutdown()
 
 
 def test_a_failing_batch_on_a_stream_marks_its_rows_and_the_others_embed() -> None:
     """A forward pass that fails on one stream records that batch's rows as errors; the rest are embedded."""
     import dataclasses
-    from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
+    from operators.embedder import Streams
     from operators.preprocess import preprocess_images
 
     spec = resolve("resnet18", ModelOptions(weights="random"))
@@ -221,8 +221,9 @@ def test_a_failing_batch_on_a_stream_marks_its_rows_and_the_others_embed() -> No
     data[5 * size:6 * size] = bytes(size)  # row 5 is all black
     col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(size), len(crops_col), [None, pa.py_buffer(bytes(data))])
     black = black.set_column(black.schema.get_field_index(C.INPUT), C.INPUT, col)
-    with ThreadPoolExecutor(2) as pool:
-        out = embed_table(bb, black, 2, pool=pool)
+    pool = Streams(2)
+    out = embed_table(bb, black, 2, pool=pool)
+    pool.shutdown()
     stages = out[C.ERR_STAGE].to_pylist()
     assert stages == [None] * 4 + ["embed", "embed"] + [None] * 2  # batch [4, 5] failed; order kept
     assert out[C.ERR_TYPE].to_pylist()[5] == "ValueError" and "'k4'" in out[C.ERR_MSG].to_pylist()[4]
