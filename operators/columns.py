@@ -88,6 +88,11 @@ def stamp(table: pa.Table, column: str, value: float) -> pa.Table:
     return table.append_column(column, pa.array(np.full(table.num_rows, value, dtype=np.float64)))
 
 
+def row_shares(seconds: float, n: int) -> pa.Array:
+    """A stage's ``seconds`` spread evenly over its ``n`` rows (the T_* columns): the sums of any rows add up."""
+    return pa.array(np.full(n, seconds / max(n, 1)))
+
+
 def is_internal(name: str) -> bool:
     return name.startswith("_")
 

@@ -193,7 +193,7 @@ def embed_table(bb: Backbone, table: pa.Table, batch_size: int, precision: str =
     emb = vectors_to_arrow(out, ok, bb.dim)
     table = table.drop_columns([C.INPUT]).append_column(C.EMBEDDING, emb)
     table = C.write_errors(table, stages, types, msgs)
-    return table.append_column(C.T_EMBED, pa.array(np.full(n, (time.perf_counter() - t0) / max(n, 1))))
+    return table.append_column(C.T_EMBED, C.row_shares(time.perf_counter() - t0, n))
 
 
 def embed_image_bytes(bb: Backbone, table: pa.Table, batch_size: int, precision: str = "fp32",
@@ -217,7 +217,7 @@ def embed_image_bytes(bb: Backbone, table: pa.Table, batch_size: int, precision:
         t0 = time.perf_counter()
         table = preprocess_images(table, pre)
         if C.T_PRE in table.column_names:  # each row's share of the decode is its preprocessing time
-            decode = pa.array(np.full(table.num_rows, (time.perf_counter() - t0) / max(table.num_rows, 1)))
+            decode = C.row_shares(time.perf_counter() - t0, table.num_rows)
             table = table.set_column(table.schema.get_field_index(C.T_PRE), C.T_PRE, decode)
         return embed_table(bb, table, batch_size, precision, pool=pool)
     t0 = time.perf_counter()
@@ -247,7 +247,7 @@ def embed_image_bytes(bb: Backbone, table: pa.Table, batch_size: int, precision:
         _gather_vectors(done, out)
     table = table.drop_columns([C.PAYLOAD]).append_column(C.EMBEDDING, vectors_to_arrow(out, ok, bb.dim))
     table = C.write_errors(table, stages, types, msgs)
-    return table.append_column(C.T_EMBED, pa.array(np.full(n, (time.perf_counter() - t0) / max(n, 1))))
+    return table.append_column(C.T_EMBED, C.row_shares(time.perf_counter() - t0, n))
 
 
 def _is_oom(e: BaseException) -> bool:

@@ -10,7 +10,6 @@ import json
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from operators import columns as C
@@ -36,8 +35,8 @@ def prepare_rows(raw: pa.Table, piece: str, pre: ImagePreprocess | TextPreproces
     table = table.append_column(C.PIECE, pa.array([piece] * n, pa.string()))
     table = table.append_column(C.PIECE_ROWS, pa.array([total] * n, pa.int64()))
     # stage times as each row's share: a block of several pieces (or a piece in several parts) sums right
-    table = table.append_column(C.T_READ, pa.array(np.full(n, t_read / max(n, 1))))
-    table = table.append_column(C.T_PRE, pa.array(np.full(n, (time.perf_counter() - t1) / max(n, 1))))
+    table = table.append_column(C.T_READ, C.row_shares(t_read, n))
+    table = table.append_column(C.T_PRE, C.row_shares(time.perf_counter() - t1, n))
     return C.stamp(C.tag_node(table, C.NODE_PRE), C.TS_PRE, time.time())
 
 
