@@ -23,6 +23,7 @@ T_PRE = "_t_preprocess"
 T_EMBED = "_t_embed"
 NODE_PRE = "_node_preprocess"  # Ray node id where the row was read and preprocessed
 NODE_EMBED = "_node_embed"  # Ray node id of the actor that embedded the row
+BATCH = "_batch_size"  # the batch size the row's block ran at (autotuning changes it; the report counts rows per size)
 ACTOR = "_actor"  # Ray actor id of the embedding actor (``local`` outside Ray): how work spread over the pool
 # wall-clock times (time.time()) for the run report's start-up timeline: when this row's block was
 # preprocessed / embedded, and when the actor that embedded it had finished loading its model

@@ -18,9 +18,19 @@ import numpy as np
 import pyarrow as pa
 
 from operators import columns as C
+from operators.autotune import BatchTuner
 from operators.backbones import Backbone
 from operators.faults import ENV as FAULTS_ENV, crash_embed_once
 from operators.registry import ImagePreprocess, ModelSpec, load
+
+
+# oneDNN keeps one compiled primitive per distinct input shape and layer shape, 1,024 by default. Text
+# batches come in many shapes (rows x longest), so a long-lived actor's memory grew ~50 MB per 3,000-row
+# block of new lengths (MiniLM, 2 cores) until the cache filled: 10x the data took 1.43x the peak RSS.
+# Measured in process (5 blocks of 1,500 random-length rows, 2 streams; /tmp probes, figures in the
+# benchmarks README): MiniLM 116-119 rows/s with the cache at 0, 16, 64, 256 or 1,024 entries, peak RSS
+# 810-826 / 901 / 1,032-1,067 / 1,167 / 1,129-1,215 MB; EfficientNet-Lite0 43-45 img/s at 0, 16 or 1,024.
+ONEDNN_CACHE = 16
 
 
 def length_buckets(lengths: np.ndarray, batch_size: int, max_tokens: int | None = None,
@@ -140,7 +150,8 @@ def vectors_to_arrow(vectors: np.ndarray, valid: np.ndarray, dim: int) -> pa.Fix
 
 
 def embed_table(bb: Backbone, table: pa.Table, batch_size: int, precision: str = "fp32",
-                max_tokens: int | None = None, pool: Streams | None = None) -> pa.Table:
+                max_tokens: int | None = None, pool: Streams | None = None,
+                tuner: BatchTuner | None = None) -> pa.Table:
     """Add the ``embedding`` column; rows already in error (or failing here) get null and keep their error.
 
     Text rows are sorted by token count over the whole table and cut into batches of about ``max_tokens``
@@ -152,8 +163,12 @@ def embed_table(bb: Backbone, table: pa.Table, batch_size: int, precision: str =
 
     ``pool``: batches run side by side on its threads (CPU streams: see :class:`EmbedActor`); image rows
     are then cut into a multiple of the pool's width of near-equal batches, so no stream idles at the end.
+
+    ``tuner``: the batch size comes from it (in place of ``batch_size``) and each batch's cost goes back to it
+    (see :class:`operators.autotune.BatchTuner`); the size used is recorded on every row (``_batch_size``).
     """
     t0 = time.perf_counter()
+    batch_size = tuner.size if tuner is not None else batch_size
     n = table.num_rows
     ok = np.asarray(C.ok_mask(table).to_numpy(zero_copy_only=False), dtype=bool)
     out = np.zeros((n, bb.dim), dtype=np.float32)
@@ -169,6 +184,9 @@ def embed_table(bb: Backbone, table: pa.Table, batch_size: int, precision: str =
             def run(idx: np.ndarray) -> Any:
                 contiguous = int(idx[-1]) - int(idx[0]) + 1 == len(idx)
                 return bb.image_vectors(pixels[idx[0]:idx[-1] + 1] if contiguous else pixels[idx], precision)
+
+            def units(idx: np.ndarray) -> float:  # rows: an image batch's cost
+                return float(len(idx))
         else:
             ids_col = table[C.INPUT].combine_chunks()
             offsets = ids_col.offsets.to_numpy()
@@ -178,6 +196,10 @@ def embed_table(bb: Backbone, table: pa.Table, batch_size: int, precision: str =
 
             def run(idx: np.ndarray) -> Any:
                 return bb.token_vectors(*gather_padded(values, offsets, idx), precision)
+
+            def units(idx: np.ndarray) -> float:  # padded tokens: a text batch's cost
+                return float(len(idx) * int((offsets[idx + 1] - offsets[idx]).max()))
+        run = timed(run, tuner, batch_size, units, bb.device)
         for idx, result in run_batches(run, batches, pool):
             if not isinstance(result, Exception):
                 done.extend(result)
@@ -193,11 +215,39 @@ def embed_table(bb: Backbone, table: pa.Table, batch_size: int, precision: str =
     emb = vectors_to_arrow(out, ok, bb.dim)
     table = table.drop_columns([C.INPUT]).append_column(C.EMBEDDING, emb)
     table = C.write_errors(table, stages, types, msgs)
+    table = table.append_column(C.BATCH, pa.array(np.full(n, batch_size, dtype=np.int32)))
     return table.append_column(C.T_EMBED, C.row_shares(time.perf_counter() - t0, n))
 
 
+def timed(run: Callable[[np.ndarray], Any], tuner: BatchTuner | None, size: int,
+          units: Callable[[np.ndarray], float], device: Any) -> Callable[[np.ndarray], Any]:
+    """``run``, reporting each batch's cost to ``tuner`` while it still searches (on a GPU the batch is then
+    synchronised, so its time is the forward pass's, not the launch's) and any out-of-memory at once."""
+    if tuner is None:
+        return run
+
+    def one(idx: np.ndarray) -> Any:
+        searching = not tuner.settled
+        t = time.perf_counter()
+        try:
+            out = run(idx)
+            if searching and device.type == "cuda":
+                import torch
+
+                torch.cuda.synchronize(device)
+        except Exception as e:
+            if _is_oom(e):
+                tuner.out_of_memory(len(idx))
+            raise
+        if searching:
+            tuner.observe(size, len(idx), units(idx), time.perf_counter() - t)
+        return out
+    return one
+
+
 def embed_image_bytes(bb: Backbone, table: pa.Table, batch_size: int, precision: str = "fp32",
-                      pool: Streams | None = None, torch_decode: bool | None = None) -> pa.Table:
+                      pool: Streams | None = None, torch_decode: bool | None = None,
+                      tuner: BatchTuner | None = None) -> pa.Table:
     """Raw image bytes (the ``payload`` column) -> ``embedding``, decoding in the actor.
 
     On a GPU, :func:`operators.preprocess.decode_images_torch` replaces the CPU preprocess task (nvJPEG on
@@ -219,8 +269,9 @@ def embed_image_bytes(bb: Backbone, table: pa.Table, batch_size: int, precision:
         if C.T_PRE in table.column_names:  # each row's share of the decode is its preprocessing time
             decode = C.row_shares(time.perf_counter() - t0, table.num_rows)
             table = table.set_column(table.schema.get_field_index(C.T_PRE), C.T_PRE, decode)
-        return embed_table(bb, table, batch_size, precision, pool=pool)
+        return embed_table(bb, table, batch_size, precision, pool=pool, tuner=tuner)
     t0 = time.perf_counter()
+    batch_size = tuner.size if tuner is not None else batch_size
     n = table.num_rows
     ok = np.asarray(C.ok_mask(table).to_numpy(zero_copy_only=False), dtype=bool)
     out = np.zeros((n, bb.dim), dtype=np.float32)
@@ -240,13 +291,15 @@ def embed_image_bytes(bb: Backbone, table: pa.Table, batch_size: int, precision:
             base = idx[good]
             x = pixels if good.all() else pixels[torch.as_tensor(np.flatnonzero(good), device=pixels.device)]
             # positions into x: the halves of an out-of-memory retry are contiguous slices
-            for pos, vecs in _run_splitting(lambda p: bb.image_vectors(x[p[0]:p[-1] + 1], precision),  # noqa: B023
-                                            np.arange(len(base))):
+            forward = timed(lambda p: bb.image_vectors(x[p[0]:p[-1] + 1], precision),  # noqa: B023
+                            tuner, batch_size, len, bb.device)
+            for pos, vecs in _run_splitting(forward, np.arange(len(base))):
                 done.append((base[pos], vecs))
     if done:
         _gather_vectors(done, out)
     table = table.drop_columns([C.PAYLOAD]).append_column(C.EMBEDDING, vectors_to_arrow(out, ok, bb.dim))
     table = C.write_errors(table, stages, types, msgs)
+    table = table.append_column(C.BATCH, pa.array(np.full(n, batch_size, dtype=np.int32)))
     return table.append_column(C.T_EMBED, C.row_shares(time.perf_counter() - t0, n))
 
 
@@ -334,6 +387,20 @@ def _gather_vectors(done: list[tuple[np.ndarray, Any]], out: np.ndarray) -> None
     out[idx] = vecs.cpu().numpy()
 
 
+def make_tuner(batch_size: int, max_batch_size: int | None, device: Any) -> BatchTuner:
+    """The actor's :class:`BatchTuner`: from ``batch_size`` up to ``max_batch_size`` (default 8x); on a GPU it
+    also watches the peak of the memory the allocator holds, against the device's total."""
+    limit = max_batch_size or 8 * batch_size
+    if device.type != "cuda":
+        return BatchTuner(batch_size, limit)
+    import torch
+
+    total = float(torch.cuda.get_device_properties(device).total_memory)
+    return BatchTuner(batch_size, limit, base_memory=torch.cuda.memory_reserved(device) / total,
+                      memory=lambda: torch.cuda.max_memory_reserved(device) / total,
+                      reset_memory=lambda: torch.cuda.reset_peak_memory_stats(device))
+
+
 def pick_device(num_gpus: float) -> str:
     """CUDA when this actor was given a GPU (Ray sets CUDA_VISIBLE_DEVICES) and CUDA works; else CPU."""
     import torch
@@ -349,6 +416,10 @@ def pick_device(num_gpus: float) -> str:
 class EmbedActor:
     """Ray Data callable class: the model is loaded once per actor, in the actor.
 
+    ``torch_compile``: the forward runs through ``torch.compile`` (one stream then; see
+    :meth:`operators.backbones.Backbone.compiled`). ``autotune``: the batch size comes from a
+    :class:`operators.autotune.BatchTuner` that lives as long as the actor.
+
     ``streams`` (CPU only): batches run side by side on that many threads, the actor's ``torch_threads``
     split among them. Two single-thread batches on a 2-core actor do not wait for each other at every
     operator as two threads of one batch do (nor stall together when anything else on the machine runs):
@@ -357,19 +428,27 @@ class EmbedActor:
     """
 
     def __init__(self, spec: ModelSpec, batch_size: int, precision: str, num_gpus: float, torch_threads: int,
-                 decode_images: bool = False, streams: int = 1) -> None:
+                 decode_images: bool = False, streams: int = 1, autotune: bool = False,
+                 max_batch_size: int | None = None, onednn_cache: int | None = ONEDNN_CACHE,
+                 torch_compile: bool = False) -> None:
+        if onednn_cache is not None:  # read by oneDNN at its first primitive: before the model's first forward
+            os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(onednn_cache))
         import torch
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         device = pick_device(num_gpus)
-        streams = streams if device == "cpu" else 1
+        # one stream with torch.compile: graphs compile on first use, never on two threads at once
+        streams = streams if device == "cpu" and not torch_compile else 1
         torch.set_num_threads(max(1, torch_threads // streams))
         if precision == "fp16" and device != "cuda":
             raise RuntimeError("precision 'fp16' needs CUDA but this actor has no usable GPU; use fp32 or bf16")
         self.backbone = load(spec, device, for_inference=True)
+        if torch_compile:
+            self.backbone = self.backbone.compiled()
         self.batch_size = batch_size
         self.precision = precision
         self.pool = Streams(streams) if streams > 1 else None
+        self.tuner = make_tuner(batch_size, max_batch_size, self.backbone.device) if autotune else None
         # raw image bytes arrive (image_decode: actors): decode on this actor's device (nvJPEG on a GPU)
         self.decode_images = decode_images and isinstance(spec.preprocessing, ImagePreprocess)
         self.node_id = C.current_node_id()  # recorded on each row: the run report says where embedding ran
@@ -380,9 +459,9 @@ class EmbedActor:
         if os.environ.get(FAULTS_ENV):  # kill tests only; one lookup otherwise
             crash_embed_once(table[C.KEY].to_pylist())
         if self.decode_images and C.PAYLOAD in table.column_names:
-            out = embed_image_bytes(self.backbone, table, self.batch_size, self.precision, self.pool)
+            out = embed_image_bytes(self.backbone, table, self.batch_size, self.precision, self.pool, tuner=self.tuner)
         else:
-            out = embed_table(self.backbone, table, self.batch_size, self.precision, pool=self.pool)
+            out = embed_table(self.backbone, table, self.batch_size, self.precision, pool=self.pool, tuner=self.tuner)
         out = C.tag_node(out, C.NODE_EMBED, self.node_id)
         out = C.tag_node(out, C.ACTOR, self.actor_id)
         return C.stamp(C.stamp(out, C.TS_ACTOR_READY, self.ready_at), C.TS_EMBED, time.time())

@@ -40,6 +40,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("node_id", pa.string()),  # where the part was written
         pa.field("stage_nodes", pa.string()),  # JSON {"preprocess": {node id: rows}, "embed": {...}}: counts only
         pa.field("actors", pa.string()),  # JSON {actor id: rows}: which embedding actors did the work
+        pa.field("batch_sizes", pa.string()),  # JSON {batch size: rows}: what autotuning chose
         # wall-clock times (time.time()) of this block: preprocessed, its actor ready, embedded, written
         pa.field("ts_preprocessed", pa.float64()),
         pa.field("ts_actor_ready", pa.float64()),
@@ -142,6 +143,7 @@ def _write_one(part: pa.Table, piece: str, opts: SinkOptions) -> dict[str, Any]:
         "stage_nodes": json.dumps({"preprocess": C.node_counts(part, C.NODE_PRE),
                                    "embed": C.node_counts(part, C.NODE_EMBED)}),
         "actors": json.dumps(C.node_counts(part, C.ACTOR)),
+        "batch_sizes": json.dumps(C.node_counts(part, C.BATCH)),
         "ts_preprocessed": first(C.TS_PRE) or None, "ts_actor_ready": first(C.TS_ACTOR_READY) or None,
         "ts_embedded": first(C.TS_EMBED) or None, "ts_written": time.time(),
     }

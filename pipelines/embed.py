@@ -81,6 +81,7 @@ class RunReport:
     nodes: dict[str, int] = field(default_factory=dict)  # node id -> parts written there
     stage_nodes: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> node id -> rows it handled there
     actor_rows: dict[str, int] = field(default_factory=dict)  # embedding actor id -> rows it embedded
+    batch_sizes: dict[str, int] = field(default_factory=dict)  # batch size -> rows embedded at it (autotuning)
     # seconds from the command's start: Ray ready, first block preprocessed, first actor's model loaded,
     # first block embedded, first part written, first result back at the driver
     startup: dict[str, float] = field(default_factory=dict)
@@ -141,14 +142,20 @@ def embed_actor_args(cfg: EmbedConfig, spec: ModelSpec, torch_threads: int) -> d
     """EmbedActor's constructor arguments (the streaming pool and the isolator build the same actor)."""
     return {"spec": spec, "batch_size": cfg.batch_size, "precision": cfg.precision, "num_gpus": cfg.num_gpus,
             "torch_threads": torch_threads, "decode_images": cfg.image_decode == "actors",
-            "streams": actor_streams(cfg, torch_threads)}
+            "streams": actor_streams(cfg, torch_threads), "autotune": batch_autotune(cfg),
+            "max_batch_size": cfg.max_batch_size, "torch_compile": cfg.torch_compile}
+
+
+def batch_autotune(cfg: EmbedConfig) -> bool:
+    """The config's ``batch_autotune``; by default on for GPU actors only."""
+    return cfg.batch_autotune if cfg.batch_autotune is not None else cfg.num_gpus > 0
 
 
 def actor_streams(cfg: EmbedConfig, torch_threads: int) -> int:
     """Batches each actor runs side by side: the config's ``cpu_streams``; else on CPU one single-thread
     batch per thread, at most MAX_AUTO_STREAMS (measured on 2 cores only: 2 x 1 beats 1 x 2 there for both
     modalities; more streams cost one batch of activations each); GPU actors run one."""
-    if cfg.num_gpus:
+    if cfg.num_gpus or cfg.torch_compile:
         return 1
     return cfg.cpu_streams or max(1, min(torch_threads, MAX_AUTO_STREAMS))
 
@@ -177,7 +184,8 @@ def check_resources(cfg: EmbedConfig) -> dict[str, Any]:
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
     plan = {"cluster_cpus": cpus, "cluster_gpus": gpus, "min_actors": cfg.min_actors, "max_actors": cfg.max_actors,
-            "num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "batch_size": cfg.batch_size, "precision": cfg.precision}
+            "num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "batch_size": cfg.batch_size, "precision": cfg.precision,
+            "batch_autotune": batch_autotune(cfg), "max_batch_size": cfg.max_batch_size or 8 * cfg.batch_size}
     if cfg.ray_address or os.environ.get("RAY_ADDRESS"):  # an autoscaling cluster may grow to fit: Ray Data waits
         threads = actor_threads(cfg, cpus, cfg.max_actors, local=False)
         return {**plan, "torch_threads": threads, "cpu_streams": actor_streams(cfg, threads)}
@@ -396,6 +404,8 @@ def _account(report: RunReport, todo: list[PieceWork], tracker: _Tracker, adopte
     for p in parts:
         for actor, rows in json.loads(p.get("actors") or "{}").items():
             report.actor_rows[actor] = report.actor_rows.get(actor, 0) + rows
+        for size, rows in json.loads(p.get("batch_sizes") or "{}").items():
+            report.batch_sizes[size] = report.batch_sizes.get(size, 0) + rows
 
 
 def startup_timeline(parts: list[dict[str, Any]], wall_start: float) -> dict[str, float]:

@@ -271,6 +271,10 @@ def test_fractional_cpus_two_actors_and_logical_gpus_do_not_hang(tmp_path: Path,
     assert report["rows_out"] == n and report["pieces_processed"] == 3
     assert report["resources"]["max_actors"] == 2 and report["resources"]["cluster_gpus"] == 1
     assert sum(report["actor_rows"].values()) == n
+    # GPU actors autotune their batch size by default (these fall back to the CPU and still do): every row is
+    # counted at the size its block ran at; CPU actors keep batch_size
+    assert report["resources"]["batch_autotune"] is True and sum(report["batch_sizes"].values()) == n
+    assert min(int(b) for b in report["batch_sizes"]) >= cfg.batch_size
     # CPU actors: with two of them each piece (a third of the input) is read in two row slices, which travel
     # in blocks of their own (4 blocks for 6 slices here) and are written as parts of their piece
     cpu = run_embed(cfg.model_copy(update={"num_gpus": 0.0, "output": str(tmp_path / "cpu")}), progress=lambda m: None)
@@ -278,6 +282,7 @@ def test_fractional_cpus_two_actors_and_logical_gpus_do_not_hang(tmp_path: Path,
     assert cpu["rows_out"] == m["rows"] == n and len(m["pieces"]) == 3
     assert len(m["files"]) > 3  # some piece came back in several parts
     assert sum(cpu["actor_rows"].values()) == n
+    assert cpu["resources"]["batch_autotune"] is False and cpu["batch_sizes"] == {str(cfg.batch_size): n}
     keys = read_table(str(tmp_path / "cpu"))["key"].to_pylist()
     assert len(keys) == len(set(keys)) == n  # no row lost or doubled by slicing
     print("rows per actor (GPU-logical run, CPU run):", report["actor_rows"], cpu["actor_rows"])

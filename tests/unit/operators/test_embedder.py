@@ -228,3 +228,26 @@ def test_a_failing_batch_on_a_stream_marks_its_rows_and_the_others_embed() -> No
     assert stages == [None] * 4 + ["embed", "embed"] + [None] * 2  # batch [4, 5] failed; order kept
     assert out[C.ERR_TYPE].to_pylist()[5] == "ValueError" and "'k4'" in out[C.ERR_MSG].to_pylist()[4]
     assert out[C.EMBEDDING].null_count == 2 and out.num_rows == 8
+
+
+@pytest.mark.slow
+def test_a_compiled_actor_runs_one_stream_and_gives_the_eager_vectors(tiny_bert: str) -> None:
+    """torch_compile: the actor's forward goes through torch.compile (inductor, dynamic text shapes); the
+    token buckets' many shapes give the eager model's vectors, and the actor runs a single stream."""
+    from operators.embedder import EmbedActor
+
+    spec = resolve(f"hf:{tiny_bert}", ModelOptions(pooling="mean"))
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+    texts = [" ".join(words[: 1 + i % 11]) for i in range(30)] + [None]
+    n = len(texts)
+    table = pa.table({C.KEY: [str(i) for i in range(n)], C.SOURCE: ["s"] * n, C.PAYLOAD: texts,
+                      C.ERR_STAGE: pa.nulls(n, pa.string()), C.ERR_TYPE: pa.nulls(n, pa.string()),
+                      C.ERR_MSG: pa.nulls(n, pa.string())})
+    tokens = preprocess_text(table, spec.preprocessing)
+    actor = EmbedActor(spec, 4, "fp32", 0.0, 2, streams=2, torch_compile=True)
+    assert actor.pool is None and getattr(actor.backbone.features, "_torchdynamo_orig_callable", None) is not None
+    compiled = actor(tokens)
+    eager = embed_table(load(spec, for_inference=True), tokens, 4)
+    assert compiled[C.KEY].to_pylist() == eager[C.KEY].to_pylist() and compiled[C.EMBEDDING].null_count == 1
+    np.testing.assert_allclose(np.array(compiled[C.EMBEDDING].to_pylist()[:-1]),
+                               np.array(eager[C.EMBEDDING].to_pylist()[:-1]), atol=1e-5)

@@ -66,6 +66,23 @@ def test_bad_values_name_the_allowed_ones() -> None:
         build_config(None, {"output": "y", "format": "jsonl"})
     with pytest.raises(ConfigError, match="min_actors"):
         build_config(None, {"input": "x", "output": "y", "format": "jsonl", "min_actors": 3, "max_actors": 2})
+    with pytest.raises(ConfigError, match=r"max_batch_size \(16\) must be >= batch_size \(64\)"):
+        build_config(None, {"input": "x", "output": "y", "format": "jsonl", "max_batch_size": 16})
+
+
+def test_autotune_and_compile_reach_the_actor_with_their_defaults() -> None:
+    """Batch autotuning is on for GPU actors unless set; torch.compile is off unless set and runs one stream."""
+    from operators.registry import resolve
+    from pipelines.embed import embed_actor_args
+
+    spec = resolve("minilm-l6")
+    base = {"input": "x", "output": "y", "format": "jsonl"}
+    cpu = embed_actor_args(build_config(None, base), spec, 2)
+    assert cpu["autotune"] is False and cpu["torch_compile"] is False and cpu["streams"] == 2
+    gpu = embed_actor_args(build_config(None, {**base, "num_gpus": 1, "max_batch_size": 512}), spec, 2)
+    assert gpu["autotune"] is True and gpu["max_batch_size"] == 512 and gpu["streams"] == 1
+    forced = embed_actor_args(build_config(None, {**base, "batch_autotune": True, "torch_compile": True}), spec, 2)
+    assert forced["autotune"] is True and forced["torch_compile"] is True and forced["streams"] == 1
 
 
 def test_missing_file_and_bad_set() -> None:
