@@ -341,6 +341,31 @@ def image_cases(a: argparse.Namespace, rep: Report, deadline: float) -> None:
             rep.error(g, "featx_gpu_decode", e)
     rep.ratio(g, "featx_gpu_decode / bare_forward", "featx_gpu_decode", "bare_forward")
 
+    # 4b. the same with batch-size autotuning (an actor's default on a GPU): tune first, then time
+    if left() > 45:
+        try:
+            from operators.embedder import make_tuner
+
+            tuner = make_tuner(bs, 8 * bs, bb.device)
+            t0 = time.perf_counter()
+            i = 0
+            while not tuner.settled and time.perf_counter() - t0 < min(60.0, left() - 30):
+                embed_image_bytes(bb, big[i % n_big], bs, a.precision, tuner=tuner)
+                i += 1
+            tune_s = time.perf_counter() - t0
+
+            def tuned_e2e(i: int) -> int:
+                out = embed_image_bytes(bb, big[i % n_big], bs, a.precision, tuner=tuner)
+                assert out[C.EMBEDDING].null_count == 0, out[C.ERR_MSG].drop_null()[:1]
+                return out.num_rows
+
+            rows, s, _ = timed_loop(tuned_e2e, dev, min(cap, left() - 15))
+            rep.case(g, "featx_gpu_decode_autotuned", rows, s, batch_size=tuner.size, settled=tuner.settled,
+                     tune_seconds=round(tune_s, 1), history=tuner.history, chunk_rows=min(a.chunk_rows, len(jpegs)))
+        except Exception as e:
+            rep.error(g, "featx_gpu_decode_autotuned", e)
+    rep.ratio(g, "autotuned / fixed batch", "featx_gpu_decode_autotuned", "featx_gpu_decode")
+
     # 5. torch.compile of the bare forward, if time is left (compiling takes a minute or more)
     if a.compile and left() > 150:
         try:

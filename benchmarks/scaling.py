@@ -44,13 +44,21 @@ MB = 1 << 20
 
 def rss_bytes(pid: int) -> int | None:
     """Resident memory of a process from /proc (None when it is gone)."""
+    return rss_parts(pid).get("VmRSS")
+
+
+def rss_parts(pid: int) -> dict[str, int]:
+    """VmRSS and its parts from /proc: RssAnon (the process's own heap), RssFile, RssShmem (shared memory:
+    for a Ray worker, the pages of the object store it has read or written, which the store bounds)."""
+    out: dict[str, int] = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+            key = line.split(":", 1)[0]
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return None
-    return None
+        return {}
+    return out
 
 
 def descendants(root: int) -> list[int]:
@@ -85,6 +93,8 @@ class RssSampler(threading.Thread):
         with getattr(self, "lock", threading.Lock()):
             self.driver_peak = 0
             self.worker_peaks: dict[int, tuple[int, str]] = {}
+            self.worker_anon_peaks: dict[int, int] = {}  # private memory only (RssAnon)
+            self.worker_shmem_peaks: dict[int, int] = {}  # object-store pages mapped (RssShmem)
             self.workers_sum_peak = 0
             self.samples = 0
 
@@ -94,12 +104,14 @@ class RssSampler(threading.Thread):
             try:
                 driver = rss_bytes(me) or 0
                 workers: dict[int, tuple[int, str]] = {}
+                parts: dict[int, dict[str, int]] = {}
                 for pid in descendants(me):  # this Ray's workers only (other Rays may run on the machine)
                     try:
                         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                     except OSError:
                         continue
-                    rss = rss_bytes(pid) if cmd.startswith("ray::") else None
+                    parts[pid] = rss_parts(pid) if cmd.startswith("ray::") else {}
+                    rss = parts[pid].get("VmRSS")
                     if rss:
                         workers[pid] = (rss, cmd.split()[0][:60])
                 with self.lock:
@@ -108,6 +120,9 @@ class RssSampler(threading.Thread):
                     for pid, (rss, name) in workers.items():
                         old = self.worker_peaks.get(pid, (0, name))
                         self.worker_peaks[pid] = (max(old[0], rss), name if rss >= old[0] else old[1])
+                        self.worker_anon_peaks[pid] = max(self.worker_anon_peaks.get(pid, 0), parts[pid].get("RssAnon", 0))
+                        self.worker_shmem_peaks[pid] = max(self.worker_shmem_peaks.get(pid, 0),
+                                                           parts[pid].get("RssShmem", 0))
                     self.workers_sum_peak = max(self.workers_sum_peak, sum(r for r, _ in workers.values()))
             except OSError:
                 pass
@@ -119,15 +134,24 @@ class RssSampler(threading.Thread):
             return {"driver_peak_mb": round(self.driver_peak / MB, 1),
                     "worker_peak_max_mb": round(peaks[0][0] / MB, 1) if peaks else None,
                     "worker_peak_max_name": peaks[0][1] if peaks else None,
+                    "worker_anon_peak_max_mb": round(max(self.worker_anon_peaks.values(), default=0) / MB, 1),
+                    "worker_shmem_peak_max_mb": round(max(self.worker_shmem_peaks.values(), default=0) / MB, 1),
                     "workers_sum_peak_mb": round(self.workers_sum_peak / MB, 1),
                     "worker_processes_seen": len(peaks), "samples": self.samples,
                     "worker_peaks_mb": [[n, round(r / MB, 1)] for r, n in peaks[:8]]}
 
 
 def write_shards(folder: Path, rows: int, shard_rows: int) -> int:
-    """JSONL shards of ``shard_rows`` real sentences (the corpus cycled, ids unique)."""
+    """JSONL shards of ``shard_rows`` real sentences (ids unique).
+
+    The corpus is shuffled once (fixed seed) and cycled, so 1x is a sample of the same sentences as 10x:
+    the corpus is grouped by topic, and its first 600 sentences (the 1x of an earlier version) are shorter
+    than the rest, so 10x met longer sentences, hence bigger batches, than 1x ever did."""
+    import random
+
     folder.mkdir(parents=True, exist_ok=True)
     sents = [s for _, s in sample_data.topic_sentences(max_per_topic=None)]
+    random.Random(0).shuffle(sents)
     n = 0
     for start in range(0, rows, shard_rows):
         with open(folder / f"part-{start // shard_rows:05d}.jsonl", "w") as f:
@@ -190,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = r
             print(f"{name:>4}: {r['rows']} rows in {r['seconds']} s ({r['rows_per_second']} rows/s), first result after "
                   f"{r['seconds_to_first_result']} s, {r['pieces']} pieces; peak RSS driver {mem['driver_peak_mb']} MB, "
-                  f"largest worker {mem['worker_peak_max_mb']} MB ({mem['worker_peak_max_name']}), all workers "
+                  f"largest worker {mem['worker_peak_max_mb']} MB ({mem['worker_peak_max_name']}; private "
+                  f"{mem['worker_anon_peak_max_mb']} MB, object-store pages {mem['worker_shmem_peak_max_mb']} MB), all workers "
                   f"{mem['workers_sum_peak_mb']} MB; load {load_before:.2f}", flush=True)
     finally:
         sampler.stop_flag.set()
@@ -199,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ratios = {}
     if "1x" in results and "10x" in results:
-        for k in ("driver_peak_mb", "worker_peak_max_mb", "workers_sum_peak_mb"):
+        for k in ("driver_peak_mb", "worker_peak_max_mb", "worker_anon_peak_max_mb", "workers_sum_peak_mb"):
             if results["1x"].get(k) and results["10x"].get(k):
                 ratios[f"{k} 10x/1x"] = round(results["10x"][k] / results["1x"][k], 3)
     startup = {"ray_init_seconds": ray_init,

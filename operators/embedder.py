@@ -8,6 +8,7 @@ calls :func:`embed_table` on each block.
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import os
 import time
@@ -401,6 +402,15 @@ def make_tuner(batch_size: int, max_batch_size: int | None, device: Any) -> Batc
                       reset_memory=lambda: torch.cuda.reset_peak_memory_stats(device))
 
 
+def malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None elsewhere). Text batches come in many sizes; glibc keeps the freed
+    buffers of each in its heaps, so without a trim an actor holds its biggest block's peak for good."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def pick_device(num_gpus: float) -> str:
     """CUDA when this actor was given a GPU (Ray sets CUDA_VISIBLE_DEVICES) and CUDA works; else CPU."""
     import torch
@@ -454,6 +464,7 @@ class EmbedActor:
         self.node_id = C.current_node_id()  # recorded on each row: the run report says where embedding ran
         self.actor_id = C.current_actor_id()  # ... and how the rows spread over the actors
         self.ready_at = time.time()  # model loaded: the report's start-up timeline
+        self._trim = malloc_trim()
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if os.environ.get(FAULTS_ENV):  # kill tests only; one lookup otherwise
@@ -464,4 +475,7 @@ class EmbedActor:
             out = embed_table(self.backbone, table, self.batch_size, self.precision, pool=self.pool, tuner=self.tuner)
         out = C.tag_node(out, C.NODE_EMBED, self.node_id)
         out = C.tag_node(out, C.ACTOR, self.actor_id)
-        return C.stamp(C.stamp(out, C.TS_ACTOR_READY, self.ready_at), C.TS_EMBED, time.time())
+        out = C.stamp(C.stamp(out, C.TS_ACTOR_READY, self.ready_at), C.TS_EMBED, time.time())
+        if self._trim is not None:  # hand the block's freed batch buffers back: the next block starts lean
+            self._trim(0)
+        return out

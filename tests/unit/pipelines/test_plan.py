@@ -51,7 +51,7 @@ def test_small_pieces_share_blocks_but_every_actor_has_work() -> None:
     assert blocks([1 << 20] * 3, actors=4) == [1, 1, 1]  # never more blocks than pieces
     assert len(blocks([100 << 10] * 40, actors=1)) == 1 + 16  # the first piece, then ~256 KB of input per block
     text = blocks([170 << 10] * 20, actors=1, min_bytes=TEXT_BLOCK_BYTES)  # 20,000 sentences in 20 JSONL files
-    assert text[0] == 1 and len(text) == 5 and max(text) - min(text[1:]) <= 1  # then ~1 MB blocks, balanced
+    assert text[0] == 1 and len(text) == 14 and max(text) - min(text[1:]) <= 1  # then ~256 KB blocks, balanced
     uneven = blocks([10, 10, 10, 1000, 10, 10, 10, 10], actors=1, min_bytes=500)
     assert uneven == [1, 3, 1, 3]  # cut by bytes, not by count: the big piece ends its block
 
