@@ -10,6 +10,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
+GROWTH = 8  # autotuning's default ceiling: this many times the configured batch size
+
+
+def tune_limit(batch_size: int, max_batch_size: int | None) -> int:
+    """The largest batch autotuning tries: ``max_batch_size``, else GROWTH x ``batch_size``."""
+    return max_batch_size or GROWTH * batch_size
+
 
 @dataclass
 class Trial:
@@ -32,10 +39,10 @@ class BatchTuner:
 
     Each size is measured on ``samples`` batches after ``warmup`` batches that are not counted (a new shape
     pays for kernel selection, allocator growth, cuDNN/oneDNN set-up). The search stops, and the size stays at
-    the smallest one within ``gain`` of the fastest measured, when a doubling gains less than ``gain``, when it would pass ``limit`` or a size
-    that ran out of memory, when the batches stop growing with the size (the blocks are smaller than the
-    batch), or when the peak device memory (``memory``: the fraction in use, GPU only) says a doubled batch
-    would pass ``memory_cap``. An out-of-memory error at any time caps the size at half the batch that failed.
+    the smallest one within ``gain`` of the fastest measured, when a doubling gains less than ``gain``, when
+    it would pass ``limit`` or a size that ran out of memory, when the batches stop growing with the size
+    (the blocks are smaller than the batch), or when the peak device memory (``memory``: the fraction in
+    use, GPU only) says a doubled batch would pass ``memory_cap``. An out-of-memory error at any time caps the size at half the batch that failed.
     """
 
     start: int

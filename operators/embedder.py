@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from operators import columns as C
-from operators.autotune import BatchTuner
+from operators.autotune import BatchTuner, tune_limit
 from operators.backbones import Backbone
 from operators.faults import ENV as FAULTS_ENV, crash_embed_once
 from operators.registry import ImagePreprocess, ModelSpec, load
@@ -192,14 +192,15 @@ def embed_table(bb: Backbone, table: pa.Table, batch_size: int, precision: str =
             ids_col = table[C.INPUT].combine_chunks()
             offsets = ids_col.offsets.to_numpy()
             values = ids_col.values.to_numpy()  # unsliced; a sliced column's offsets index into it as they are
-            lengths = (offsets[1:] - offsets[:-1])[rows]
+            widths = offsets[1:] - offsets[:-1]  # token count of every row
+            lengths = widths[rows]
             batches = (rows[b] for b in token_batches(lengths, batch_size, max_tokens))
 
             def run(idx: np.ndarray) -> Any:
                 return bb.token_vectors(*gather_padded(values, offsets, idx), precision)
 
             def units(idx: np.ndarray) -> float:  # padded tokens: a text batch's cost
-                return float(len(idx) * int((offsets[idx + 1] - offsets[idx]).max()))
+                return float(len(idx) * int(widths[idx].max()))
         run = timed(run, tuner, batch_size, units, bb.device)
         for idx, result in run_batches(run, batches, pool):
             if not isinstance(result, Exception):
@@ -389,9 +390,9 @@ def _gather_vectors(done: list[tuple[np.ndarray, Any]], out: np.ndarray) -> None
 
 
 def make_tuner(batch_size: int, max_batch_size: int | None, device: Any) -> BatchTuner:
-    """The actor's :class:`BatchTuner`: from ``batch_size`` up to ``max_batch_size`` (default 8x); on a GPU it
-    also watches the peak of the memory the allocator holds, against the device's total."""
-    limit = max_batch_size or 8 * batch_size
+    """The actor's :class:`BatchTuner`: from ``batch_size`` up to :func:`operators.autotune.tune_limit`; on a
+    GPU it also watches the peak of the memory the allocator holds, against the device's total."""
+    limit = tune_limit(batch_size, max_batch_size)
     if device.type != "cuda":
         return BatchTuner(batch_size, limit)
     import torch

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
+from operators.autotune import tune_limit
 from operators.embedder import EmbedActor
 from operators.errors import ConfigError, InputError, PipelineError
 from operators.loading import load_pieces
@@ -185,7 +186,7 @@ def check_resources(cfg: EmbedConfig) -> dict[str, Any]:
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
     plan = {"cluster_cpus": cpus, "cluster_gpus": gpus, "min_actors": cfg.min_actors, "max_actors": cfg.max_actors,
             "num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "batch_size": cfg.batch_size, "precision": cfg.precision,
-            "batch_autotune": batch_autotune(cfg), "max_batch_size": cfg.max_batch_size or 8 * cfg.batch_size}
+            "batch_autotune": batch_autotune(cfg), "max_batch_size": tune_limit(cfg.batch_size, cfg.max_batch_size)}
     if cfg.ray_address or os.environ.get("RAY_ADDRESS"):  # an autoscaling cluster may grow to fit: Ray Data waits
         threads = actor_threads(cfg, cpus, cfg.max_actors, local=False)
         return {**plan, "torch_threads": threads, "cpu_streams": actor_streams(cfg, threads)}

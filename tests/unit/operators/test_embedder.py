@@ -12,6 +12,16 @@ from operators.preprocess import preprocess_text
 from operators.registry import ModelOptions, load, resolve
 
 
+def _text_table(texts: list[str | None]) -> pa.Table:
+    n = len(texts)
+    return pa.table({C.KEY: [str(i) for i in range(n)], C.SOURCE: ["s"] * n, C.PAYLOAD: texts,
+                     C.ERR_STAGE: pa.nulls(n, pa.string()), C.ERR_TYPE: pa.nulls(n, pa.string()),
+                     C.ERR_MSG: pa.nulls(n, pa.string())})
+
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+
+
 def test_length_buckets_cover_each_row_once_sorted() -> None:
     lengths = np.array([5, 1, 9, 3, 7, 2])
     batches = list(length_buckets(lengths, 4))
@@ -29,10 +39,7 @@ def test_bucketed_batches_give_the_same_vectors_as_one_at_a_time(tiny_bert: str)
     spec = resolve(f"hf:{tiny_bert}", ModelOptions(pooling="mean"))
     bb = load(spec)
     texts = ["one", "a much longer sentence with many more words in it", None, "two words", "x y z w"]
-    n = len(texts)
-    table = pa.table({C.KEY: [str(i) for i in range(n)], C.SOURCE: ["s"] * n, C.PAYLOAD: texts,
-                      C.ERR_STAGE: pa.nulls(n, pa.string()), C.ERR_TYPE: pa.nulls(n, pa.string()),
-                      C.ERR_MSG: pa.nulls(n, pa.string())})
+    table = _text_table(texts)
     pre = preprocess_text(table, spec.preprocessing)
     batched = embed_table(bb, pre, batch_size=2)
     single = embed_table(bb, pre, batch_size=1)
@@ -41,7 +48,7 @@ def test_bucketed_batches_give_the_same_vectors_as_one_at_a_time(tiny_bert: str)
     a = np.array([v for v in batched[C.EMBEDDING].to_pylist() if v is not None])
     b = np.array([v for v in single[C.EMBEDDING].to_pylist() if v is not None])
     np.testing.assert_allclose(a, b, atol=1e-5)
-    assert batched[C.KEY].to_pylist() == [str(i) for i in range(n)]  # order kept
+    assert batched[C.KEY].to_pylist() == [str(i) for i in range(len(texts))]  # order kept
     assert batched[C.ERR_TYPE].to_pylist()[2] == "EmptyText"
 
 
@@ -177,13 +184,7 @@ def test_streams_give_the_vectors_of_one_batch_at_a_time(tiny_bert: str) -> None
     images = preprocess_images(_image_table(11), img.preprocessing)
     txt = resolve(f"hf:{tiny_bert}", ModelOptions(pooling="mean"))
     tbb = load(txt)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
-    texts = [" ".join(words[: 1 + i % 11]) for i in range(40)]
-    n = len(texts)
-    table = pa.table({C.KEY: [str(i) for i in range(n)], C.SOURCE: ["s"] * n, C.PAYLOAD: texts,
-                      C.ERR_STAGE: pa.nulls(n, pa.string()), C.ERR_TYPE: pa.nulls(n, pa.string()),
-                      C.ERR_MSG: pa.nulls(n, pa.string())})
-    tokens = preprocess_text(table, txt.preprocessing)
+    tokens = preprocess_text(_text_table([" ".join(WORDS[: 1 + i % 11]) for i in range(40)]), txt.preprocessing)
     pool = Streams(2)
     for bb, t, bs in ((ibb, images, 3), (tbb, tokens, 4)):
         one = embed_table(bb, t, bs)
@@ -237,13 +238,8 @@ def test_a_compiled_actor_runs_one_stream_and_gives_the_eager_vectors(tiny_bert:
     from operators.embedder import EmbedActor
 
     spec = resolve(f"hf:{tiny_bert}", ModelOptions(pooling="mean"))
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
-    texts = [" ".join(words[: 1 + i % 11]) for i in range(30)] + [None]
-    n = len(texts)
-    table = pa.table({C.KEY: [str(i) for i in range(n)], C.SOURCE: ["s"] * n, C.PAYLOAD: texts,
-                      C.ERR_STAGE: pa.nulls(n, pa.string()), C.ERR_TYPE: pa.nulls(n, pa.string()),
-                      C.ERR_MSG: pa.nulls(n, pa.string())})
-    tokens = preprocess_text(table, spec.preprocessing)
+    tokens = preprocess_text(_text_table([" ".join(WORDS[: 1 + i % 11]) for i in range(30)] + [None]),
+                             spec.preprocessing)
     actor = EmbedActor(spec, 4, "fp32", 0.0, 2, streams=2, torch_compile=True)
     assert actor.pool is None and getattr(actor.backbone.features, "_torchdynamo_orig_callable", None) is not None
     compiled = actor(tokens)
