@@ -15,6 +15,10 @@ PAYLOAD = "_payload"  # raw record: image bytes (binary) or text (string)
 INPUT = "_input"  # preprocessed: uint8 HxWx3 crop (fixed_size_binary) or token ids (list<int32>)
 PIECE = "_piece"  # id of the piece (group of shards -> one output file) the row belongs to
 PIECE_ROWS = "_piece_rows"  # how many records the piece's shards held when read (to know when all parts are in)
+# JSON {shard uri: records read}: the read stage's own count per shard, the first of the three counts the
+# commit checks (read = published + error rows); one dictionary-encoded value per block
+SHARD_ROWS = "_shard_rows"
+RETRIES = "_retries"  # storage retries the read stage needed (on the block's first row; the sink adds its own)
 ERR_STAGE = "_err_stage"  # read | decode | preprocess | embed; null when the row is fine
 ERR_TYPE = "_err_type"
 ERR_MSG = "_err_msg"
@@ -67,11 +71,23 @@ def current_actor_id() -> str:
     return "local"
 
 
-def tag_node(table: pa.Table, column: str, node_id: str | None = None) -> pa.Table:
-    """Record where a stage ran: one node id per row (dictionary-encoded, so it costs a few bytes per block)."""
-    node = node_id or current_node_id()
-    values = pa.DictionaryArray.from_arrays(pa.array([0] * table.num_rows, pa.int32()), pa.array([node], pa.string()))
+def constant(table: pa.Table, column: str, value: str) -> pa.Table:
+    """One string value on every row, dictionary-encoded (it costs a few bytes per block)."""
+    values = pa.DictionaryArray.from_arrays(pa.array(np.zeros(table.num_rows, np.int32)), pa.array([value], pa.string()))
     return table.append_column(column, values)
+
+
+def tag_node(table: pa.Table, column: str, node_id: str | None = None) -> pa.Table:
+    """Record where a stage ran: one node id per row."""
+    return constant(table, column, node_id or current_node_id())
+
+
+def first_row_count(n: int, count: int) -> pa.Array:
+    """``count`` on the first of ``n`` rows, 0 on the rest (a block's count that sums right over any rows)."""
+    values = np.zeros(n, np.int64)
+    if n:
+        values[0] = count
+    return pa.array(values)
 
 
 def node_counts(table: pa.Table, column: str) -> dict[str, int]:

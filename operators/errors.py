@@ -21,9 +21,18 @@ class InputError(FeatxError):
     """The input cannot be listed or read as the declared format."""
 
 
+class StorageError(InputError):
+    """Object storage failed: a request still failing after bounded retries, access denied, or an object whose
+    bytes disagree with its listing. Never a record's fault: the run stops and publishes nothing."""
+
+
 class ModelLoadError(FeatxError):
     """Weights could not be found or loaded safely."""
 
 
 class PipelineError(FeatxError):
     """The run could not finish; nothing new was published."""
+
+
+class CommitRefused(PipelineError):
+    """The commit's row accounting disagreed (rows read != rows published + error rows); nothing was published."""

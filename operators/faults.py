@@ -11,6 +11,8 @@ sets ``FEATX_FAILPOINTS`` in the environment of the ``featx`` command it starts:
   as a native decoder crash would, every time.
 - ``crash-embed-once:<key>``: the embedding actor that is about to embed ``<key>`` kills itself, the first
   time only (a marker file in the temp folder remembers it), as a lost worker or node would.
+- ``drop-rows:<n>``: the sink silently drops the last ``n`` rows of every part it writes, as a bug between
+  read and write would (the commit's row accounting must refuse to publish).
 
 Several entries are separated by commas.
 
@@ -22,7 +24,10 @@ import hashlib
 import os
 import signal
 import tempfile
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 ENV = "FEATX_FAILPOINTS"
 _passed: dict[str, int] = {}
@@ -72,3 +77,14 @@ def crash_embed_once(keys: Iterable[str]) -> None:
 def once_marker(key: str) -> str:
     """The file that remembers a ``crash-embed-once`` failpoint fired (tests delete it first)."""
     return os.path.join(tempfile.gettempdir(), "featx-failpoint-" + hashlib.sha1(key.encode()).hexdigest()[:16])
+
+
+def drop_rows(table: "pa.Table") -> "pa.Table":
+    """Drop the last rows of a part if a test asked for it (``drop-rows:<n>``): a deliberate row-losing bug."""
+    if not os.environ.get(ENV):
+        return table
+    for e in _entries():
+        if e.startswith("drop-rows:"):
+            n = min(int(e[len("drop-rows:"):]), table.num_rows)
+            return table.slice(0, table.num_rows - n)
+    return table

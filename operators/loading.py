@@ -16,14 +16,18 @@ from operators import columns as C
 from operators.preprocess import preprocess_images, preprocess_text
 from operators.readers import ReadOptions, read_shard
 from operators.registry import ImagePreprocess, TextPreprocess
+from operators.storage import retries_done
 
 
 def prepare_rows(raw: pa.Table, piece: str, pre: ImagePreprocess | TextPreprocess | None, t_read: float,
-                 piece_rows: int | None = None) -> pa.Table:
+                 piece_rows: int | None = None, shard_rows: dict[str, int] | None = None,
+                 retries: int = 0) -> pa.Table:
     """Preprocess read records and tag them with their piece (pure; runs in a Ray task or the isolator).
 
     ``pre=None`` leaves the records raw (``_payload``): the embedding actor decodes them itself.
     ``piece_rows``: records in the whole piece when ``raw`` is one slice of it (default: ``raw``'s rows).
+    ``shard_rows``: records read per shard URI (the count the commit checks the published rows against).
+    ``retries``: storage retries the read needed (reported).
     """
     t1 = time.perf_counter()
     n = raw.num_rows
@@ -34,6 +38,8 @@ def prepare_rows(raw: pa.Table, piece: str, pre: ImagePreprocess | TextPreproces
         table = preprocess_images(raw, pre) if isinstance(pre, ImagePreprocess) else preprocess_text(raw, pre)
     table = table.append_column(C.PIECE, pa.array([piece] * n, pa.string()))
     table = table.append_column(C.PIECE_ROWS, pa.array([total] * n, pa.int64()))
+    table = C.constant(table, C.SHARD_ROWS, json.dumps(shard_rows or {}, sort_keys=True))
+    table = table.append_column(C.RETRIES, C.first_row_count(n, retries))
     # stage times as each row's share: a block of several pieces (or a piece in several parts) sums right
     table = table.append_column(C.T_READ, C.row_shares(t_read, n))
     table = table.append_column(C.T_PRE, C.row_shares(time.perf_counter() - t1, n))
@@ -46,13 +52,16 @@ def load_piece(piece_shards: list[dict[str, Any]], piece: str, ropts: ReadOption
     of ``parts`` equal row ranges (a big piece is read in slices so that several actors share it; each
     slice reads the shards and keeps its own rows: reading is cheap beside embedding)."""
     t0 = time.perf_counter()
-    tables = [read_shard(s["uri"], s["rel"], ropts) for s in piece_shards]
+    retries0 = retries_done()
+    tables = [read_shard(s["uri"], s["rel"], ropts, s.get("size")) for s in piece_shards]
+    counts = {s["uri"]: t.num_rows for s, t in zip(piece_shards, tables)}
     raw = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     n = raw.num_rows
     if parts > 1:
         lo, hi = n * part // parts, n * (part + 1) // parts
         raw = raw.slice(lo, hi - lo)
-    return prepare_rows(raw, piece, pre, time.perf_counter() - t0, piece_rows=n)
+    return prepare_rows(raw, piece, pre, time.perf_counter() - t0, piece_rows=n, shard_rows=counts,
+                        retries=retries_done() - retries0)
 
 
 def load_pieces(batch: pa.Table, ropts: ReadOptions, pre: ImagePreprocess | TextPreprocess | None) -> pa.Table:

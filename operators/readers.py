@@ -9,6 +9,7 @@ plus the WebDataset sample key or the row number (or the ``key_column``).
 """
 from __future__ import annotations
 
+import io
 import json
 import posixpath
 import tarfile
@@ -19,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from operators import columns as C
-from operators.storage import get_fs, retry
+from operators.errors import StorageError
+from operators.storage import read_object
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
 FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
@@ -40,6 +42,18 @@ class ReadOptions:
     key_column: str | None = None
     passthrough: tuple[str, ...] = ()
     storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One shard to read: its URI, and its size as listed (its bytes must match: see :func:`read_shard`)."""
+
+    uri: str
+    size: int | None
+    opts: ReadOptions
+
+    def read(self) -> bytes:
+        return read_object(self.uri, self.opts.storage_options, self.size)
 
 
 class _Rows:
@@ -97,29 +111,30 @@ def payload_type(fmt: str) -> pa.DataType:
     return pa.string() if fmt in ("parquet", "jsonl") else pa.binary()
 
 
-def read_shard(uri: str, rel: str, opts: ReadOptions) -> pa.Table:
-    """All records of one shard. Never raises for bad data: errors become rows."""
+def read_shard(uri: str, rel: str, opts: ReadOptions, size: int | None = None) -> pa.Table:
+    """All records of one shard. Never raises for bad data: errors become rows.
+
+    Storage is another matter: the shard's bytes are read whole with bounded retries, and must number
+    ``size`` (its listed size) when given; a store that keeps failing, denies access or serves a body of
+    another length raises :class:`StorageError`. A storage fault is never turned into fewer records or
+    into an error row standing for a whole shard: the run stops and publishes nothing.
+    """
     rows = _Rows(payload_type(opts.format))
     try:
         reader = _READERS[opts.format]
     except KeyError:
         raise ValueError(f"unknown format {opts.format!r}; choose one of {', '.join(_READERS)}") from None
     try:
-        reader(uri, rel, opts, rows)
+        reader(_Source(uri, size, opts), rel, opts, rows)
+    except StorageError:
+        raise
     except Exception as e:  # the whole (rest of the) shard is unreadable: one row says so
         rows.error(f"{rel}#shard", uri, "read", f"shard {uri} could not be read: {type(e).__name__}: {e}", type(e).__name__)
     return rows.table()
 
 
-def _open(uri: str, opts: ReadOptions) -> Any:
-    fs, path = get_fs(uri, opts.storage_options)
-    return fs.open(path, "rb")
-
-
-def _read_image_file(uri: str, rel: str, opts: ReadOptions, rows: _Rows) -> None:
-    fs, path = get_fs(uri, opts.storage_options)
-    data = retry(lambda: fs.cat_file(path), f"reading {uri!r}")
-    rows.add(rel, uri, data)
+def _read_image_file(src: _Source, rel: str, opts: ReadOptions, rows: _Rows) -> None:
+    rows.add(rel, src.uri, src.read())
 
 
 def _wds_split(name: str) -> tuple[str, str]:
@@ -149,9 +164,10 @@ def _wds_samples(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield current, members
 
 
-def _read_webdataset(uri: str, rel: str, opts: ReadOptions, rows: _Rows) -> None:
+def _read_webdataset(src: _Source, rel: str, opts: ReadOptions, rows: _Rows) -> None:
     wanted = set(opts.passthrough) or set(WDS_TEXT_MEMBERS)
-    with _open(uri, opts) as stream:
+    uri = src.uri
+    with io.BytesIO(src.read()) as stream:
         try:
             for skey, members in _wds_samples(stream):
                 key = f"{rel}/{skey}"
@@ -190,10 +206,11 @@ def _key_for(rel: str, i: int, key_value: Any) -> str:
     return f"{rel}#{i}" if key_value is None else f"{rel}#{key_value}"
 
 
-def _read_parquet(uri: str, rel: str, opts: ReadOptions, rows: _Rows) -> None:
+def _read_parquet(src: _Source, rel: str, opts: ReadOptions, rows: _Rows) -> None:
     text = opts.format == "parquet"
     col = opts.text_column if text else opts.image_column
-    with _open(uri, opts) as f:
+    uri = src.uri
+    with pa.BufferReader(src.read()) as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
         needed = [col] + ([opts.key_column] if opts.key_column else []) + list(opts.passthrough)
@@ -211,9 +228,8 @@ def _read_parquet(uri: str, rel: str, opts: ReadOptions, rows: _Rows) -> None:
                 i += 1
 
 
-def _read_jsonl(uri: str, rel: str, opts: ReadOptions, rows: _Rows) -> None:
-    with _open(uri, opts) as f:
-        data = f.read()
+def _read_jsonl(src: _Source, rel: str, opts: ReadOptions, rows: _Rows) -> None:
+    uri, data = src.uri, src.read()
     for lineno, line in enumerate(data.splitlines(), start=1):
         if not line.strip():
             continue

@@ -21,7 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from operators import columns as C
-from operators.storage import join, short_hash, write_bytes
+from operators.faults import drop_rows
+from operators.storage import join, retries_done, short_hash, write_bytes
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -32,6 +33,8 @@ RESULT_SCHEMA = pa.schema(
         pa.field("error_rows", pa.int64()),
         pa.field("bytes", pa.int64()),
         pa.field("piece_rows", pa.int64()),  # records the piece's embedded shards hold (all parts together)
+        pa.field("shard_rows", pa.string()),  # JSON {shard uri: records read}, as the read stage counted them
+        pa.field("retries", pa.int64()),  # storage retries this part's read and write needed
         pa.field("dim", pa.int64()),
         pa.field("t_read", pa.float64()),
         pa.field("t_preprocess", pa.float64()),
@@ -111,6 +114,10 @@ def write_piece(table: pa.Table, opts: SinkOptions) -> pa.Table:
 
 def _write_one(part: pa.Table, piece: str, opts: SinkOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
+    retries0 = retries_done()
+    read_counts = part[C.SHARD_ROWS][0].as_py() if C.SHARD_ROWS in part.column_names and part.num_rows else "{}"
+    read_retries = int(pc.sum(part[C.RETRIES]).as_py() or 0) if C.RETRIES in part.column_names else 0
+    part = drop_rows(part)  # inert unless a test asks (the commit must then refuse: see pipelines.publish)
     keys = part[C.KEY]
     tag = short_hash(str(part.num_rows), str(keys[0]), str(keys[-1]), n=8)
     name = data_file_name(piece, opts.content_fingerprint, tag)
@@ -138,6 +145,7 @@ def _write_one(part: pa.Table, piece: str, opts: SinkOptions) -> dict[str, Any]:
         "piece": piece, "data_file": data_file, "rows": out.num_rows, "error_file": error_file,
         "error_rows": errs.num_rows, "bytes": nbytes, "dim": dim,
         "piece_rows": int(part[C.PIECE_ROWS][0].as_py()) if C.PIECE_ROWS in part.column_names else part.num_rows,
+        "shard_rows": read_counts, "retries": read_retries + retries_done() - retries0,
         "t_read": total(C.T_READ), "t_preprocess": total(C.T_PRE), "t_embed": total(C.T_EMBED),
         "t_write": time.perf_counter() - t0, "node_id": C.current_node_id(),
         "stage_nodes": json.dumps({"preprocess": C.node_counts(part, C.NODE_PRE),
@@ -161,6 +169,19 @@ def _read_parquet(uri: str, storage_options: dict[str, Any]) -> pa.Table:
     return retry(run, f"reading {uri!r}")
 
 
+def parquet_rows(uri: str, storage_options: dict[str, Any]) -> int:
+    """Rows in a Parquet file, from its footer alone (a ranged read, not the data)."""
+    from operators.storage import get_fs, retry
+
+    fs, path = get_fs(uri, storage_options)
+
+    def run() -> int:
+        with fs.open(path, "rb") as f:
+            return int(pq.read_metadata(f).num_rows)
+
+    return retry(run, f"reading the footer of {uri!r}")
+
+
 def carry_piece(piece: str, sources: list[dict[str, Any]], opts: SinkOptions) -> dict[str, Any]:
     """Copy the published rows (and error rows) of a piece's unchanged shards into one part of the new piece.
 
@@ -168,6 +189,7 @@ def carry_piece(piece: str, sources: list[dict[str, Any]], opts: SinkOptions) ->
     runs: the vectors are the ones already published for exactly these shard contents.
     """
     t0 = time.perf_counter()
+    retries0 = retries_done()
     data, errs = [], []
     for src in sources:
         uris = pa.array(src["uris"], pa.string())
@@ -196,9 +218,16 @@ def carry_piece(piece: str, sources: list[dict[str, Any]], opts: SinkOptions) ->
         write_bytes(opts.staged(error_file), _parquet_bytes(bad.cast(C.ERROR_SCHEMA), None), opts.storage_options)
     rows = out.num_rows if out is not None else 0
     err_rows = bad.num_rows if bad is not None else 0
+    per_shard: dict[str, int] = {}
+    for t in (out, bad):
+        if t is not None and t.num_rows:
+            for v in pc.value_counts(t[C.SOURCE]):
+                per_shard[v["values"].as_py()] = per_shard.get(v["values"].as_py(), 0) + v["counts"].as_py()
     return {"piece": piece, "data_file": data_file, "rows": rows, "error_file": error_file, "error_rows": err_rows,
             "bytes": nbytes, "piece_rows": rows + err_rows, "dim": dim, "t_read": 0.0, "t_preprocess": 0.0,
-            "t_embed": 0.0, "t_write": time.perf_counter() - t0, "node_id": C.current_node_id()}
+            "t_embed": 0.0, "t_write": time.perf_counter() - t0, "node_id": C.current_node_id(),
+            # rows copied per shard: the commit checks them against the counts the old manifest recorded
+            "shard_rows": json.dumps(per_shard, sort_keys=True), "retries": retries_done() - retries0}
 
 
 def write_error_rows(piece: str, rows: list[dict[str, Any]], opts: SinkOptions) -> dict[str, Any]:
@@ -209,5 +238,5 @@ def write_error_rows(piece: str, rows: list[dict[str, Any]], opts: SinkOptions) 
     write_bytes(opts.staged(error_file), _parquet_bytes(t, None), opts.storage_options)
     return {"piece": piece, "data_file": None, "rows": 0, "error_file": error_file, "error_rows": t.num_rows,
             "bytes": 0, "piece_rows": t.num_rows, "dim": 0, "t_read": 0.0, "t_preprocess": 0.0, "t_embed": 0.0,
-            "t_write": 0.0, "node_id": C.current_node_id()}
+            "t_write": 0.0, "node_id": C.current_node_id(), "shard_rows": "{}", "retries": 0}
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import random
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, TypeVar
@@ -16,7 +18,7 @@ from typing import Any, Callable, TypeVar
 import fsspec
 from fsspec.core import url_to_fs
 
-from operators.errors import InputError
+from operators.errors import InputError, StorageError
 
 _SECRET_WORDS = ("secret", "token", "password", "passwd", "key", "credential", "sas", "signature", "auth")
 _PUBLIC_KEYS = {"endpoint_url", "region_name", "anon", "use_ssl", "client_kwargs", "config_kwargs", "profile", "account_name"}
@@ -61,17 +63,56 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([base, *[p.strip("/") for p in parts]])
 
 
-def retry(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float = 0.25) -> T:
-    """Retry transient storage errors (OSError, timeouts) with exponential backoff."""
+RETRY_ATTEMPTS = 5  # featx's own tries per storage call (each on top of botocore's / the driver's own retries)
+RETRY_BASE_S = 0.25  # backoff: full jitter, uniform in [0, min(cap, base x 2^try)]
+RETRY_CAP_S = 8.0
+_retries = {"count": 0}
+_retries_lock = threading.Lock()
+
+
+class ShortRead(OSError):
+    """An object's body came back with fewer (or more) bytes than its listing said: retried, then a StorageError."""
+
+
+def retries_done() -> int:
+    """Storage retries this process has made so far (callers report the difference over their work)."""
+    return _retries["count"]
+
+
+def _bucket_of(what: str) -> str:
+    uri = next((w.strip("'\"") for w in what.split() if "://" in w), "")
+    return uri.split("://", 1)[1].split("/", 1)[0] if uri else ""
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS, base_delay: float = RETRY_BASE_S) -> T:
+    """Run a storage call; retry transient errors (OSError, timeouts, 5xx, resets) with capped exponential
+    backoff and full jitter, a bounded number of times; counted (:func:`retries_done`).
+
+    Missing objects (FileNotFoundError) pass through for the caller to decide. Access denied fails at once,
+    naming the bucket and the operation. Anything still failing after ``attempts`` tries is a
+    :class:`StorageError`: never a record's fault, and never read as "no data".
+    """
     for i in range(attempts):
         try:
             return fn()
-        except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError):
+        except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError):
             raise
+        except PermissionError as e:
+            bucket = _bucket_of(what)
+            raise StorageError(
+                f"{what}: access denied{f' to bucket {bucket!r}' if bucket else ''} ({e}). Permanent, not retried: "
+                "check the credentials (AWS_* variables, profile, role or storage_options) and the bucket policy "
+                "for this operation."
+            ) from e
         except (OSError, TimeoutError, ConnectionError) as e:  # s3fs/aiohttp errors derive from OSError
             if i == attempts - 1:
-                raise InputError(f"{what}: storage error after {attempts} tries: {type(e).__name__}: {e}") from e
-            time.sleep(base_delay * (2**i))
+                raise StorageError(
+                    f"{what}: storage error after {attempts} tries: {type(e).__name__}: {e}. The store failed or "
+                    "throttled repeatedly; nothing was lost. Rerun when it is healthy (finished pieces are adopted)."
+                ) from e
+            with _retries_lock:
+                _retries["count"] += 1
+            time.sleep(random.uniform(0, min(RETRY_CAP_S, base_delay * (2**i))))
     raise AssertionError("unreachable")
 
 
@@ -151,6 +192,22 @@ def list_shards(
     return shards
 
 
+def still_present(uris: list[str], storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Those of ``uris`` that exist (one HEAD each, in parallel): a shard missing from a listing is only
+    removed when the store confirms it is gone; a listing that came back short must not drop rows."""
+    if not uris:
+        return []
+    from concurrent.futures import ThreadPoolExecutor
+
+    def exists(uri: str) -> bool:
+        fs, path = get_fs(uri, storage_options)
+        fs.invalidate_cache(path)
+        return bool(retry(lambda: fs.exists(path), f"checking {uri!r}"))
+
+    with ThreadPoolExecutor(16) as pool:
+        return [u for u, ok in zip(uris, pool.map(exists, uris)) if ok]
+
+
 def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write a whole object atomically: object stores PUT whole objects; local files go through rename."""
     fs, path = get_fs(uri, storage_options)
@@ -204,6 +261,29 @@ def create_exclusive(uri: str, data: bytes, storage_options: dict[str, Any] | No
             return False
         retry(lambda: fs.pipe_file(path, data), f"writing {uri!r}")
     return True
+
+
+def read_object(uri: str, storage_options: dict[str, Any] | None = None, expected_size: int | None = None) -> bytes:
+    """The whole object. With ``expected_size`` (the listing's size), a body of any other length is a
+    storage fault (retried, then :class:`StorageError`): a reader never takes a short body for fewer records."""
+    fs, path = get_fs(uri, storage_options)
+
+    def run() -> bytes:
+        data = fs.cat_file(path)
+        if expected_size is not None and len(data) != expected_size:
+            fs.invalidate_cache(path)
+            raise ShortRead(f"read {len(data)} bytes of {uri!r} but the listing said {expected_size}")
+        return data
+
+    try:
+        return retry(run, f"reading {uri!r}")
+    except StorageError as e:
+        if isinstance(e.__cause__, ShortRead):
+            raise StorageError(
+                f"{e.__cause__} on every try: the object changed after it was listed, or the store returned a "
+                "partial body. Nothing was published; rerun (a changed shard is then listed and read anew)."
+            ) from e
+        raise
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes | None:

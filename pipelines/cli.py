@@ -10,15 +10,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from operators.errors import FeatxError
+from operators.errors import FeatxError, PipelineError, StorageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="featx: feature extraction and transfer learning on Ray")
 console = Console(stderr=True, soft_wrap=True)  # messages hold paths and URIs: never wrap them
 
 
 def _fail(e: BaseException) -> None:
+    """Print a featx error and exit: 1 when a run failed (a pipeline or storage failure, a refused commit:
+    nothing was published, a rerun may succeed), 2 when the command was wrong (config, input, model, busy)."""
     console.print("[bold red]error:[/] " + str(e).replace("[", "\\["), highlight=False)
-    raise typer.Exit(2)
+    raise typer.Exit(1 if isinstance(e, (PipelineError, StorageError)) else 2)
 
 
 @app.command()

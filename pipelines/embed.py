@@ -23,18 +23,18 @@ import pyarrow as pa
 
 from operators.autotune import tune_limit
 from operators.embedder import EmbedActor
-from operators.errors import ConfigError, InputError, PipelineError
+from operators.errors import ConfigError, InputError, PipelineError, StorageError
 from operators.loading import load_pieces
 from operators.readers import FORMAT_EXTENSIONS, ReadOptions
 from operators.registry import ImagePreprocess, ModelOptions, ModelSpec, TextPreprocess, resolve
 from operators.sink import SinkOptions, carry_piece, write_piece
-from operators.storage import Shard, join, list_shards, short_hash, write_bytes
+from operators.storage import Shard, join, list_shards, retries_done, short_hash, still_present, write_bytes
 from pipelines import __version__
 from pipelines.config import EmbedConfig, IMAGE_FORMATS
 from pipelines.lease import Lease
 from pipelines.manifest import load_manifest, now
 from pipelines.plan import Piece, PieceWork, plan_pieces, plan_work
-from pipelines.publish import Staging, adoptable, clean_up, commit_run
+from pipelines.publish import Staging, adoptable, clean_up, commit_run, read_rows
 
 LIST_CAP = 10_000  # most shard paths listed per kind in a run report
 MAX_AUTO_STREAMS = 4  # cpu_streams by default: one per actor thread, at most this many
@@ -71,6 +71,7 @@ class RunReport:
     rows_carried: int = 0
     quarantined: int = 0  # records that crashed their worker every time and went to _errors
     isolation_calls: int = 0
+    storage_retries: int = 0  # featx's own retries of failed storage requests (driver, reads, writes, carries)
     published_rows: int = 0
     published_error_rows: int = 0
     data_files_written: int = 0
@@ -223,16 +224,20 @@ def actor_threads(cfg: EmbedConfig, cluster_cpus: float, max_actors: int, local:
     return max(declared, int(cluster_cpus // max(1, max_actors)))
 
 
-def piece_record(piece: Piece, parts: list[dict[str, Any]], carried: set[int] = frozenset()) -> dict[str, Any]:
-    """The manifest entry of a finished piece: its shards and every part file (``carried``: part indexes)."""
+def piece_record(piece: Piece, parts: list[dict[str, Any]], carried: set[int] = frozenset(),
+                 records: dict[str, int] | None = None) -> dict[str, Any]:
+    """The manifest entry of a finished piece: its shards (with ``records``: the records read from each, by
+    URI) and every part file (``carried``: part indexes)."""
+    records = records or {}
+    shards = [{**s.to_dict(), "records": records.get(s.uri)} for s in piece.shards]
     files = [{"path": r["data_file"], "rows": r["rows"], "bytes": r["bytes"], **({"carried": True} if i in carried else {})}
              for i, r in enumerate(parts) if r.get("data_file")]
     errs = [{"path": r["error_file"], "rows": r["error_rows"], **({"carried": True} if i in carried else {})}
             for i, r in enumerate(parts) if r.get("error_file")]
     dims = [r["dim"] for r in parts if r.get("rows")]
-    return {"id": piece.id, "shards": [s.to_dict() for s in piece.shards], "files": files, "error_files": errs,
+    return {"id": piece.id, "shards": shards, "files": files, "error_files": errs,
             "rows": sum(f["rows"] for f in files), "error_rows": sum(e["rows"] for e in errs),
-            "dim": max(dims) if dims else None}
+            "read_rows": read_rows({"shards": shards}), "dim": max(dims) if dims else None}
 
 
 class _Tracker:
@@ -263,9 +268,25 @@ class _Tracker:
             return
         self.finish(pid, self.embed_parts.get(pid, []))
 
-    def finish(self, pid: str, embedded: list[dict[str, Any]]) -> None:
+    def finish(self, pid: str, embedded: list[dict[str, Any]], read_counts: dict[str, int] | None = None) -> None:
+        """Journal piece ``pid`` from its parts. ``read_counts``: records read per embedded shard URI (default:
+        as the read stage counted them in the parts); carried shards take the counts their last read recorded."""
+        w = self.work[pid]
         carry = [self.carry_parts[pid]] if pid in self.carry_parts else []
-        rec = piece_record(self.work[pid].piece, carry + embedded, carried=set(range(len(carry))))
+        records: dict[str, int] = {}
+        if read_counts is None:
+            for p in embedded:
+                records.update(json.loads(p.get("shard_rows") or "{}"))
+        else:
+            records.update(read_counts)
+        records = {s.uri: records[s.uri] for s in w.embed if s.uri in records}
+        copied = json.loads(carry[0].get("shard_rows") or "{}") if carry else {}
+        for src in w.carry:
+            for uri in src["uris"]:
+                # an older manifest has no count: then the rows copied stand for it (no independent check)
+                old = src.get("records", {}).get(uri)
+                records[uri] = old if old is not None else copied.get(uri, 0)
+        rec = piece_record(w.piece, carry + embedded, carried=set(range(len(carry))), records=records)
         rec["staged_in"] = self.staging.prefix
         self.staging.add(rec)
         self.records[pid] = {**rec, "parts": carry + embedded}  # parts: for the report; dropped before commit
@@ -290,7 +311,10 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print, command
         _run(cfg, spec, report, lease, progress, t_start, wall_start)
     except BaseException as e:
         report.status, report.finished, report.error = "failed", now(), str(e)[:4000]
-        _save_report(cfg, report)
+        try:
+            _save_report(cfg, report)
+        except StorageError:  # the store that failed the run may refuse the report too: the run's error matters
+            pass
         raise
     finally:
         lease.release()
@@ -301,6 +325,7 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
          t_start: float, wall_start: float) -> None:
     so = dict(cfg.storage_options)
     cfp = report.content_fingerprint
+    driver_retries = retries_done()
     previous = load_manifest(cfg.output, so)
     if report.command == "refresh" and previous is None:
         raise InputError(f"nothing is published at {cfg.output!r} yet, so there is nothing to refresh; "
@@ -318,6 +343,7 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
     todo = [w for w in plan.todo if w.piece.id not in adopted]
     removed = sorted({s["rel"] for p in (previous or {}).get("pieces", []) for s in p["shards"]}
                      - {s.rel for s in shards})
+    _confirm_removed(cfg, previous, removed)
     report.shards_total, report.pieces_total = len(shards), len(pieces)
     report.changes = {"added": plan.added[:LIST_CAP], "changed": plan.changed[:LIST_CAP], "removed": removed[:LIST_CAP],
                       "added_count": len(plan.added), "changed_count": len(plan.changed),
@@ -364,7 +390,7 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
             manifest_fields={"run_id": report.run_id, "model": spec.describe() | {"dim": dim},
                              "model_fingerprint": spec.fingerprint(), "content_fingerprint": cfp, "dim": dim,
                              "embedding_dtype": cfg.embedding_dtype, "input_uri": cfg.input, "input_format": cfg.format},
-            storage_options=so, keep_snapshots=cfg.keep_snapshots, progress=progress,
+            storage_options=so, keep_snapshots=cfg.keep_snapshots, planned=[s.uri for s in shards], progress=progress,
         )
     else:
         manifest = previous
@@ -376,7 +402,23 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
     report.published_rows, report.published_error_rows = manifest["rows"], manifest["error_rows"]
     report.seconds = round(elapsed, 3)
     report.rows_per_second = round(report.rows_in / elapsed, 2) if elapsed > 0 else 0.0
+    report.storage_retries += retries_done() - driver_retries
     _save_report(cfg, report)
+
+
+def _confirm_removed(cfg: EmbedConfig, previous: dict[str, Any] | None, removed: list[str]) -> None:
+    """A shard of the last snapshot that the listing no longer shows leaves the table only when the store
+    confirms it is gone: a listing that failed part-way or came back short is not an emptier input."""
+    if not removed or previous is None:
+        return
+    uris = {s["rel"]: s["uri"] for p in previous["pieces"] for s in p["shards"]}
+    present = still_present([uris[r] for r in removed], cfg.storage_options)
+    if present:
+        raise StorageError(
+            f"the listing of {cfg.input!r} came back short: {len(present)} of the {len(removed)} shards it no longer "
+            f"shows still exist (e.g. {', '.join(present[:3])}). Removing them would drop their rows, so nothing was "
+            "published; rerun (a listing is retried; if it keeps failing, check the store's health)."
+        )
 
 
 def _new_parts(todo: list[PieceWork], tracker: _Tracker) -> list[dict[str, Any]]:
@@ -395,6 +437,7 @@ def _account(report: RunReport, todo: list[PieceWork], tracker: _Tracker, adopte
         f["rows"] for r in adopted.values() for f in r["error_files"] if not f.get("carried"))
     report.rows_in = report.rows_out + report.error_rows
     report.rows_carried = sum(p["rows"] + p["error_rows"] for p in carry)
+    report.storage_retries += sum(int(p.get("retries") or 0) for p in parts + carry)
     report.data_files_written = sum(1 for w in todo for p in tracker.records[w.piece.id]["parts"] if p["data_file"])
     report.bytes_written = sum(p["bytes"] for w in todo for p in tracker.records[w.piece.id]["parts"])
     report.stage_seconds = {k: round(sum(p[f"t_{k}"] for p in parts), 3) for k in ("read", "preprocess", "embed", "write")}
@@ -526,8 +569,10 @@ def _stream(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[Pie
             report.operators = _operator_names(ds)
         pump(block=True)
     except Exception as e:
-        raise PipelineError(f"embedding run {report.run_id} failed; nothing new was published "
-                            f"(finished pieces are journalled and a rerun adopts them): {e}") from e
+        cause = getattr(e, "cause", None) or e
+        kind = StorageError if isinstance(cause, StorageError) else PipelineError
+        raise kind(f"embedding run {report.run_id} failed; nothing new was published "
+                   f"(finished pieces are journalled and a rerun adopts them): {cause}") from e
     finally:
         ctx.max_errored_blocks, ctx.wait_for_min_actors_s = saved_errored, saved_wait
 
@@ -601,7 +646,7 @@ def _isolate(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, failed: list[
     )
     report.quarantined, report.isolation_calls = iso.quarantined, iso.calls
     for w in failed:
-        tracker.finish(w.piece.id, iso.results[w.piece.id])
+        tracker.finish(w.piece.id, iso.results[w.piece.id], read_counts=iso.shard_rows[w.piece.id])
 
 
 def _check_error_budget(cfg: EmbedConfig, report: RunReport, sink: SinkOptions, error_files: list[str]) -> None:

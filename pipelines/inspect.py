@@ -48,12 +48,33 @@ def inspect_table(output: str, snapshot: int | None = None, color: str | None = 
         "norm": _spread(norms[np.isfinite(norms)]),
     }
     report["rows_match_manifest"] = counted == table.rows
+    report["accounting"] = check_files(output, m, so)
     report["duplicate_keys"] = _duplicates(table)
     if plot:
         report["plot"] = _plot(pts, labels, color, plot, table)
-    report["healthy"] = bool(report["rows_match_manifest"] and not report["duplicate_keys"]["count"]
+    report["healthy"] = bool(report["rows_match_manifest"] and report["accounting"]["ok"]
+                             and not report["duplicate_keys"]["count"]
                              and not report["vectors"]["nan"] and not nulls)
     return report
+
+
+def check_files(output: str, manifest: dict[str, Any], storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Re-check the commit's row accounting from the files: per piece, records read (the manifest's per-shard
+    counts) = rows in its data files + rows in its error files, each file counted from its own footer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from operators.sink import parquet_rows
+    from pipelines.publish import accounting_problems, read_rows
+
+    paths = [f["path"] for f in manifest.get("files", [])] + [f["path"] for f in manifest.get("error_files", [])]
+    with ThreadPoolExecutor(16) as pool:
+        file_rows = dict(zip(paths, pool.map(lambda p: parquet_rows(join(output, p), storage_options), paths)))
+    pieces = manifest.get("pieces", [])
+    problems = accounting_problems(pieces, file_rows)
+    counted = [p for p in pieces if read_rows(p) is not None]
+    return {"ok": not problems, "pieces_checked": len(counted), "pieces_without_read_counts": len(pieces) - len(counted),
+            "rows_read": sum(read_rows(p) or 0 for p in counted), "rows_in_files": sum(file_rows.values()),
+            "problems": problems[:20]}
 
 
 def _footer_metadata(table: Any) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from operators import columns as C
 from operators.embedder import EmbedActor
-from operators.errors import FeatxError, PipelineError
+from operators.errors import PipelineError, StorageError
 from operators.readers import ReadOptions, read_shard
 from operators.registry import ImagePreprocess, TextPreprocess
 from operators.sink import SinkOptions, write_error_rows, write_piece
@@ -38,7 +38,7 @@ class Isolator:
 
     def _table(self, shard: dict[str, Any]) -> pa.Table:
         if shard["uri"] not in self._raw:
-            self._raw = {shard["uri"]: read_shard(shard["uri"], shard["rel"], self.ropts)}  # one shard at a time
+            self._raw = {shard["uri"]: read_shard(shard["uri"], shard["rel"], self.ropts, shard.get("size"))}  # one at a time
         return self._raw[shard["uri"]]
 
     def ready(self) -> bool:
@@ -54,7 +54,9 @@ class Isolator:
     def process(self, piece: str, shard: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
         from operators.loading import prepare_rows
 
-        rows = prepare_rows(self._table(shard).slice(lo, hi - lo), piece, self.read_pre, 0.0)
+        table = self._table(shard)
+        rows = prepare_rows(table.slice(lo, hi - lo), piece, self.read_pre, 0.0,
+                            shard_rows={shard["uri"]: table.num_rows})
         if self._embedder is None:
             self._embedder = EmbedActor(**self.embed_args)
         out = write_piece(self._embedder(rows), self.sink).to_pylist()
@@ -64,6 +66,7 @@ class Isolator:
 @dataclass
 class Isolation:
     results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # piece id -> part results
+    shard_rows: dict[str, dict[str, int]] = field(default_factory=dict)  # piece id -> shard uri -> records read
     quarantined: int = 0
     calls: int = 0
     crashes: int = 0
@@ -71,7 +74,7 @@ class Isolation:
 
 def _is_storage_error(e: BaseException) -> bool:
     cause = getattr(e, "cause", None) or e
-    return isinstance(cause, (OSError, FeatxError)) and not isinstance(cause, PipelineError)
+    return isinstance(cause, (OSError, StorageError))
 
 
 def isolate(failed: list[PieceWork], actor_options: dict[str, Any], actor_args: dict[str, Any], sink: SinkOptions,
@@ -105,13 +108,15 @@ def isolate(failed: list[PieceWork], actor_options: dict[str, Any], actor_args: 
             return False, f"the worker process died: {str(e).splitlines()[0][:300]}"
         except RayTaskError as e:
             if _is_storage_error(e):
-                raise PipelineError(f"storage failed while isolating bad records; nothing was published: {e.cause}") from e
+                raise StorageError(f"storage failed while re-running a failed piece; nothing was published: "
+                                   f"{getattr(e, 'cause', e)}") from e
             return False, f"{type(getattr(e, 'cause', e)).__name__}: {str(getattr(e, 'cause', e))[:300]}"
 
     try:
         for w in failed:
             parts: list[dict[str, Any]] = []
             quarantine: list[dict[str, Any]] = []
+            counts = iso.shard_rows.setdefault(w.piece.id, {})
             for s in w.embed:
                 shard = s.to_dict()
                 ok, n = False, None
@@ -120,11 +125,13 @@ def isolate(failed: list[PieceWork], actor_options: dict[str, Any], actor_args: 
                     if ok:
                         break
                 if not ok:  # reading the shard kills its worker: the shard is one error row, as any unreadable shard
+                    counts[s.uri] = 1  # that row stands for the shard's records (none could be read)
                     quarantine.append({C.KEY: f"{s.rel}#shard", C.SOURCE: s.uri, "stage": "read",
                                        "error_type": "WorkerCrashed",
                                        "message": f"reading shard {s.uri} failed {max_record_attempts} times: {n}"})
                     iso.quarantined += 1
                     continue
+                counts[s.uri] = int(n)
                 stack = [(0, int(n))]
                 while stack:
                     lo, hi = stack.pop()

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from operators.errors import FeatxError
+from operators.errors import FeatxError, StorageError
 from operators.storage import create_exclusive, delete, join, read_bytes, write_bytes
 
 LEASE = "_lease.json"
@@ -100,6 +100,10 @@ class Lease:
             holder = read_lease(self.output, self.storage_options)
             if holder is None:
                 continue  # released between our try and our read: try again
+            if holder.run_id == self.run_id:  # our create went through but its answer was lost; the retry saw it
+                self._info = info
+                self._start_heartbeat()
+                return self
             if not is_stale(holder):
                 raise OutputBusyError(
                     f"output {self.output!r} is being written by {holder.describe()}. Only one run may write an "
@@ -139,12 +143,16 @@ class Lease:
         self._thread.start()
 
     def release(self) -> None:
+        """Give the lease back. A storage failure here is not the run's: the lease then expires by its TTL."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        holder = read_lease(self.output, self.storage_options)
-        if holder is not None and holder.run_id == self.run_id:
-            delete([self.uri], self.storage_options)
+        try:
+            holder = read_lease(self.output, self.storage_options)
+            if holder is not None and holder.run_id == self.run_id:
+                delete([self.uri], self.storage_options)
+        except StorageError:
+            pass
 
     def __enter__(self) -> "Lease":
         return self.acquire()

@@ -60,7 +60,7 @@ class PieceWork:
 
     piece: Piece
     embed: tuple[Shard, ...]  # new or changed shards: read and embed them
-    carry: tuple[dict, ...]  # per old piece: {"files", "error_files", "uris"}: copy those shards' rows
+    carry: tuple[dict, ...]  # per old piece: {"files", "error_files", "uris", "records"}: copy those shards' rows
 
 
 @dataclass
@@ -107,8 +107,9 @@ def plan_work(pieces: list[Piece], published: dict | None) -> WorkPlan:
                 unchanged += 1
                 src = carry.setdefault(old[1]["id"], {"files": [f["path"] for f in old[1]["files"]],
                                                       "error_files": [f["path"] for f in old[1]["error_files"]],
-                                                      "uris": []})
+                                                      "uris": [], "records": {}})
                 src["uris"].append(s.uri)
+                src["records"][s.uri] = old[0].get("records")  # the count its read recorded (None: older manifest)
         todo.append(PieceWork(piece, tuple(embed), tuple(carry[k] for k in sorted(carry))))
     removed = sorted(rel for rel in old_shards if rel not in now)
     return WorkPlan(keep=keep, todo=todo, added=added, changed=changed, removed=removed, unchanged=unchanged)

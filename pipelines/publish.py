@@ -7,8 +7,10 @@ The protocol, for one output (one writer at a time, see :mod:`pipelines.lease`):
 2. When all parts of a piece are written, the driver appends the piece's record to the run's journal
    (``_staging/<run_id>/journal/NNNNNN.json``, a few seconds of pieces per object). A journalled piece is
    finished work: a rerun after a crash adopts it instead of embedding its shards again.
-3. Commit: check the lease is still ours and that nobody committed since this run started; move each staged
-   file to its final name (``data/...``, ``_errors/...``); write the numbered snapshot, then
+3. Commit: check the lease is still ours and that nobody committed since this run started; check the row
+   accounting (for every piece, rows read from its shards = rows in its data files + rows in its error
+   files, counted from the files' own footers; every listed shard in exactly one piece), else refuse
+   (:class:`CommitRefused`, nothing published); move each staged file to its final name (``data/...``, ``_errors/...``); write the numbered snapshot, then
    ``_manifest.json`` in one whole-object write. Readers follow the manifest, so they see the old snapshot
    or the new one, never a mix, and never a file that no manifest lists.
 4. Clean up: delete every staging prefix (this run's and crashed runs'), and data files that neither the
@@ -24,8 +26,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from operators.errors import PipelineError
+from operators.errors import CommitRefused, PipelineError
 from operators.faults import failpoint
+from operators.sink import parquet_rows
 from operators.storage import delete, join, list_files, move, read_bytes, write_bytes
 from pipelines.lease import Lease
 from pipelines.manifest import build_manifest, commit, load_manifest, load_snapshot, now
@@ -109,10 +112,13 @@ def adoptable(output: str, content_fingerprint: str, wanted: set[str], own_run: 
 
 def commit_run(
     *, output: str, lease: Lease, base_snapshot: int, records: list[dict[str, Any]], kept: list[dict[str, Any]],
-    manifest_fields: dict[str, Any], storage_options: dict[str, Any], keep_snapshots: int,
+    manifest_fields: dict[str, Any], storage_options: dict[str, Any], keep_snapshots: int, planned: list[str],
     progress: Callable[[str], None] = lambda m: None,
 ) -> dict[str, Any]:
-    """Publish ``kept`` + ``records`` (new pieces, staged) as the next snapshot; returns the manifest."""
+    """Publish ``kept`` + ``records`` (new pieces, staged) as the next snapshot; returns the manifest.
+
+    ``planned``: the URIs of every shard the run listed; the snapshot must account for each exactly once.
+    """
     lease.check()
     current = load_manifest(output, storage_options)
     if (current or {}).get("snapshot", 0) != base_snapshot:
@@ -121,6 +127,7 @@ def commit_run(
             f"(started from snapshot {base_snapshot}) was working; nothing was published. Run again: the "
             "finished pieces of this run are adopted, not embedded again."
         )
+    check_accounting(output, records, kept, planned, storage_options)
     moves = [(join(output, r["staged_in"], p), join(output, p)) for r in records if r.get("staged_in")
              for p in _file_paths(r)]
     failpoint("commit-before-move")
@@ -135,6 +142,83 @@ def commit_run(
     failpoint("commit-after-manifest")
     progress(f"committed snapshot {manifest['snapshot']}: {manifest['rows']} rows, {manifest['error_rows']} error rows")
     return manifest
+
+
+def read_rows(piece: dict[str, Any]) -> int | None:
+    """Records the read stage counted in a piece's shards (None for pieces of manifests older than the count)."""
+    counts = [s.get("records") for s in piece["shards"]]
+    return None if any(c is None for c in counts) else sum(counts)
+
+
+def accounting_problems(pieces: list[dict[str, Any]], file_rows: dict[str, int],
+                        planned: list[str] | None = None) -> list[str]:
+    """What is wrong with a snapshot's row accounting (empty when it adds up). Pure.
+
+    ``file_rows``: rows per data/error file path, as the files' own footers say (a file missing from it is
+    not checked). For each piece: the read stage's count (``records`` per shard) must equal the rows of its
+    data files plus the rows of its error files, and the sink's recorded counts must equal the footers.
+    ``planned``: the shard URIs the run listed; each must be in exactly one piece, and no other.
+    """
+    problems: list[str] = []
+    for p in pieces:
+        read = read_rows(p)
+        files_said = sum(f["rows"] for f in p["files"]), sum(f["rows"] for f in p["error_files"])
+        footers = (sum(file_rows.get(f["path"], f["rows"]) for f in p["files"]),
+                   sum(file_rows.get(f["path"], f["rows"]) for f in p["error_files"]))
+        if footers != files_said:
+            problems.append(f"piece {p['id']}: the sink recorded {files_said[0]} rows + {files_said[1]} error rows "
+                            f"but its files hold {footers[0]} + {footers[1]}")
+        if read is not None and read != footers[0] + footers[1]:
+            problems.append(f"piece {p['id']}: read {read} records from {len(p['shards'])} shards, but "
+                            f"{footers[0]} rows + {footers[1]} error rows were written "
+                            f"({read - footers[0] - footers[1]:+d} missing)")
+    if planned is not None:
+        seen: dict[str, int] = {}
+        for p in pieces:
+            for s in p["shards"]:
+                seen[s["uri"]] = seen.get(s["uri"], 0) + 1
+        missing = sorted(set(planned) - set(seen))
+        extra = sorted(set(seen) - set(planned))
+        twice = sorted(u for u, n in seen.items() if n > 1)
+        for what, uris in (("listed but in no piece", missing), ("in a piece but not listed", extra),
+                           ("in more than one piece", twice)):
+            if uris:
+                problems.append(f"{len(uris)} shards {what}: {', '.join(uris[:5])}{' ...' if len(uris) > 5 else ''}")
+    return problems
+
+
+def staged_file_rows(output: str, records: list[dict[str, Any]], storage_options: dict[str, Any]) -> dict[str, int]:
+    """Rows per file of the new pieces, from each file's footer (in its staging prefix, or at its final name
+    when a crashed commit already moved it)."""
+
+    def rows(rec: dict[str, Any], path: str) -> tuple[str, int]:
+        if rec.get("staged_in"):
+            try:
+                return path, parquet_rows(join(output, rec["staged_in"], path), storage_options)
+            except FileNotFoundError:
+                pass
+        return path, parquet_rows(join(output, path), storage_options)
+
+    jobs = [(r, p) for r in records for p in _file_paths(r)]
+    with ThreadPoolExecutor(16) as pool:
+        return dict(pool.map(lambda j: rows(*j), jobs))
+
+
+def check_accounting(output: str, records: list[dict[str, Any]], kept: list[dict[str, Any]], planned: list[str],
+                     storage_options: dict[str, Any]) -> None:
+    """Refuse the commit unless every row read is published or recorded as an error row (see
+    :func:`accounting_problems`). The new pieces' files are counted from their footers; kept pieces were
+    counted by the commit that published them."""
+    problems = [f"piece {r['id']}: no read count for shard {s['uri']}" for r in records for s in r["shards"]
+                if s.get("records") is None]
+    problems += accounting_problems(kept + records, staged_file_rows(output, records, storage_options), planned)
+    if problems:
+        raise CommitRefused(
+            "the commit refused to publish: rows read do not equal rows published + error rows, so rows would be "
+            f"lost or duplicated. {'; '.join(problems[:10])}{' ...' if len(problems) > 10 else ''}. Nothing was "
+            f"published; the previous snapshot of {output!r} stays current. This is a featx bug: please report it "
+            "with the run report (_runs/), then rerun."
+        )
 
 
 def referenced_files(output: str, manifest: dict[str, Any] | None, keep_snapshots: int,
