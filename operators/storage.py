@@ -79,6 +79,19 @@ def retries_done() -> int:
     return _retries["count"]
 
 
+# libraries whose own exceptions are storage failures (a checksum mismatch on a partial body, a client timeout),
+# whatever their base class: never a record's fault
+_STORAGE_LIBRARIES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs", "adlfs", "google",
+                      "azure", "fsspec"}
+
+
+def is_storage_failure(e: BaseException) -> bool:
+    """True for an error of the storage layer (I/O, network, timeouts, the cloud clients' own errors)."""
+    if isinstance(e, (OSError, TimeoutError, ConnectionError, StorageError)):
+        return True
+    return any(c.__module__.split(".")[0] in _STORAGE_LIBRARIES for c in type(e).__mro__)
+
+
 def _bucket_of(what: str) -> str:
     uri = next((w.strip("'\"") for w in what.split() if "://" in w), "")
     return uri.split("://", 1)[1].split("/", 1)[0] if uri else ""
@@ -95,8 +108,8 @@ def retry(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS, base_d
     for i in range(attempts):
         try:
             return fn()
-        except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError):
-            raise
+        except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, StorageError):
+            raise  # missing objects are the caller's to judge; a StorageError was retried already
         except PermissionError as e:
             bucket = _bucket_of(what)
             raise StorageError(
@@ -104,7 +117,9 @@ def retry(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS, base_d
                 "check the credentials (AWS_* variables, profile, role or storage_options) and the bucket policy "
                 "for this operation."
             ) from e
-        except (OSError, TimeoutError, ConnectionError) as e:  # s3fs/aiohttp errors derive from OSError
+        except Exception as e:
+            if not is_storage_failure(e):
+                raise
             if i == attempts - 1:
                 raise StorageError(
                     f"{what}: storage error after {attempts} tries: {type(e).__name__}: {e}. The store failed or "

@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from operators.errors import CommitRefused, PipelineError
+from operators.errors import CommitRefused, PipelineError, StorageError
 from operators.faults import failpoint
 from operators.sink import parquet_rows
 from operators.storage import delete, join, list_files, move, read_bytes, write_bytes
@@ -106,8 +106,10 @@ def adoptable(output: str, content_fingerprint: str, wanted: set[str], own_run: 
         return found
     final = set(list_files(join(output, "data"), storage_options))
     final = {f"data/{f}" for f in final} | {f"_errors/{f}" for f in list_files(join(output, "_errors"), storage_options)}
+    # a piece whose rows do not add up (journalled by a run whose commit then refused it) is embedded again
     return {pid: rec for pid, rec in found.items()
-            if all(f"{rec['staged_in']}/{p}" in staged or p in final for p in _file_paths(rec))}
+            if all(f"{rec['staged_in']}/{p}" in staged or p in final for p in _file_paths(rec))
+            and read_rows(rec) is not None and read_rows(rec) == rec["rows"] + rec["error_rows"]}
 
 
 def commit_run(
@@ -213,6 +215,14 @@ def check_accounting(output: str, records: list[dict[str, Any]], kept: list[dict
                 if s.get("records") is None]
     problems += accounting_problems(kept + records, staged_file_rows(output, records, storage_options), planned)
     if problems:
+        # this run's staged pieces are not to be adopted by a rerun: drop its journal (best effort; the
+        # adopters' own count check stands behind it)
+        for prefix in {r["staged_in"] for r in records if r.get("staged_in")}:
+            try:
+                journal = join(output, prefix, "journal")
+                delete([join(journal, f) for f in list_files(journal, storage_options)], storage_options)
+            except StorageError:
+                pass
         raise CommitRefused(
             "the commit refused to publish: rows read do not equal rows published + error rows, so rows would be "
             f"lost or duplicated. {'; '.join(problems[:10])}{' ...' if len(problems) > 10 else ''}. Nothing was "

@@ -9,7 +9,8 @@ load:
 - ``drop``: the connection is reset without an answer (after the request was read),
 - ``delay``: the answer comes ``delay_s`` late (a slow request; it still succeeds),
 - ``403``: ``403 AccessDenied`` (a permanent error: used by named rules only),
-- ``short``: a listing page comes back with its last entries missing and "not truncated" (named rules only).
+- ``short`` (named rules only): a listing page comes back with its last entries missing and "not truncated";
+  an object's body comes back cut in half (framed as a whole one); a HEAD says the object is empty.
 
 Operations are told from the request: ``list`` (GET on a bucket), ``read`` (GET of an object), ``head``,
 ``write`` (PUT of a whole object), ``copy`` (PUT with a copy source), ``part`` (PUT of a multipart part),
@@ -215,6 +216,10 @@ class _Handler(BaseHTTPRequestHandler):
             conn.close()
         if kind == "short" and op == "list" and status == 200:
             data = _shorten_listing(data)
+        elif kind == "short" and op == "read" and status in (200, 206):
+            data = data[: len(data) // 2]  # a partial body, framed as a whole one: HTTP cannot tell
+        elif kind == "short" and op == "head":
+            resp_headers = [(k, "0" if k.lower() == "content-length" else v) for k, v in resp_headers]
         self.send_response(status)
         for k, v in resp_headers:
             if k.lower() not in ("transfer-encoding", "content-length", "connection", "date", "server"):
