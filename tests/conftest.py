@@ -46,6 +46,24 @@ def s3_server() -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
+def flaky_front(s3_server: dict[str, Any]) -> Iterator[Any]:
+    """A fault-injecting front before the S3 server (tests/flaky_s3.py); no faults until a test sets a plan."""
+    from tests.flaky_s3 import FlakyS3
+
+    proxy = FlakyS3(s3_server["port"]).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture()
+def front(flaky_front: Any) -> Iterator[Any]:
+    """The flaky front, with its faults cleared before and after the test."""
+    flaky_front.clear()
+    yield flaky_front
+    flaky_front.clear()
+
+
+@pytest.fixture(scope="session")
 def s3_fs(s3_server: dict[str, Any]) -> Any:
     import s3fs
 

@@ -105,8 +105,11 @@ class FlakyS3:
 
     # -- configuration -------------------------------------------------------------------------------------
     def set_plan(self, plan: FaultPlan) -> None:
+        """Inject ``plan``'s faults from now on; the counters start again from zero."""
         with self.lock:
             self.plan, self.rng = plan, random.Random(plan.seed)
+            self.injected.clear()
+            self.requests.clear()
 
     def clear(self) -> None:
         self.set_plan(FaultPlan())

@@ -19,7 +19,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -40,20 +40,6 @@ pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
 SHARDS, ROWS = 6, 36
 ALWAYS = 10**6  # a rule that fires on every matching request
-
-
-@pytest.fixture(scope="module")
-def front(s3_server: dict[str, Any]) -> Iterator[FlakyS3]:
-    proxy = FlakyS3(s3_server["port"]).start()
-    yield proxy
-    proxy.stop()
-
-
-@pytest.fixture(autouse=True)
-def no_faults_between_tests(front: FlakyS3) -> Iterator[None]:
-    front.clear()
-    yield
-    front.clear()
 
 
 def _input(s3_fs: Any, bucket: str, tmp: Path) -> tuple[str, set[str]]:
@@ -84,13 +70,14 @@ def _table(out: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory: pytest.TempPathFactory, s3_fs: Any, front: FlakyS3, tiny_bert: str) -> dict[str, Any]:
+def clean(tmp_path_factory: pytest.TempPathFactory, s3_fs: Any, flaky_front: FlakyS3, tiny_bert: str) -> dict[str, Any]:
     """A run with no faults: the rows every faulty run must publish, or publish nothing."""
-    s3_fs.mkdir("featx-flaky-clean")
-    inp, keys = _input(s3_fs, "featx-flaky-clean", tmp_path_factory.mktemp("flaky-clean"))
-    front.clear()
-    report = _run(_cfg(front, inp, "s3://featx-flaky-clean/out", tiny_bert))
-    table = _table("s3://featx-flaky-clean/out")
+    bucket = f"featx-flaky-clean-{os.getpid()}"
+    s3_fs.mkdir(bucket)
+    inp, keys = _input(s3_fs, bucket, tmp_path_factory.mktemp("flaky-clean"))
+    flaky_front.clear()
+    report = _run(_cfg(flaky_front, inp, f"s3://{bucket}/out", tiny_bert))
+    table = _table(f"s3://{bucket}/out")
     assert report["published_rows"] == len(keys) == table.num_rows
     return {"input": inp, "keys": keys, "table": table}
 

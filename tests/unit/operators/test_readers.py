@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from operators import columns as C
+from operators.errors import StorageError
 from operators.readers import ReadOptions, read_shard
 from pipelines.sample_data import crops, write_image_tars
 
@@ -100,6 +101,15 @@ def test_unreadable_shard_is_one_error_row(tmp_path: Path) -> None:
     assert t.num_rows == 1
     r = t.to_pylist()[0]
     assert r[C.KEY] == "broken.parquet#shard" and r[C.ERR_STAGE] == "read" and str(p) in r[C.ERR_MSG]
+
+
+def test_a_body_of_another_length_than_listed_is_a_storage_error_not_fewer_records(tmp_path: Path) -> None:
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert read_shard(str(p), "x.jsonl", ReadOptions(format="jsonl"), size=p.stat().st_size).num_rows == 2
+    # the listing said more bytes than the store served (a partial body, or the object changed since)
+    with pytest.raises(StorageError, match="listing said"):
+        read_shard(str(p), "x.jsonl", ReadOptions(format="jsonl"), size=p.stat().st_size + 10)
 
 
 def test_image_file_key_is_relative_path(tmp_path: Path) -> None:

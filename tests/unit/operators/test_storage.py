@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from operators.errors import InputError
-from operators.storage import get_fs, list_shards, redact, write_bytes
+from operators.errors import InputError, StorageError
+from operators.storage import (get_fs, is_storage_failure, list_shards, read_object, redact, retries_done,
+                               still_present, write_bytes)
 from tests.conftest import upload
 
 
@@ -90,3 +91,45 @@ def test_content_fingerprint_ignores_mtime(tmp_path: Path) -> None:
     assert first.fingerprint == again.fingerprint and first.fingerprint.startswith("blake2b:")
     (tmp_path / "a.jsonl").write_text("different\n")
     assert list_shards(str(tmp_path), (".jsonl",), fingerprint="content")[0].fingerprint != first.fingerprint
+
+
+def _through(front: Any) -> dict[str, Any]:
+    """Storage options that reach the server through the flaky front, with botocore's own retries off."""
+    return {"endpoint_url": front.endpoint,
+            "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"},
+                              "response_checksum_validation": "when_required"}}
+
+
+def test_retries_are_bounded_counted_and_a_short_body_is_never_taken(s3_fs: Any, s3_bucket: str, front: Any) -> None:
+    from tests.flaky_s3 import FaultPlan, Rule
+
+    s3_fs.pipe(f"{s3_bucket}/a.jsonl", b'{"text": "x"}\n' * 10)
+    uri, so = f"s3://{s3_bucket}/a.jsonl", _through(front)
+    front.set_plan(FaultPlan(rules=[Rule("read", "a.jsonl", "short", 2)]))
+    before = retries_done()
+    assert read_object(uri, so, expected_size=140) == b'{"text": "x"}\n' * 10
+    assert retries_done() - before == 2 and front.injected[("read", "short")] == 2
+    front.set_plan(FaultPlan(rules=[Rule("read", "a.jsonl", "short", 10**6)]))
+    with pytest.raises(StorageError, match=r"read 70 bytes of .* but the listing said 140 on every try"):
+        read_object(uri, so, expected_size=140)
+    assert front.injected[("read", "short")] == 5  # featx's 5 tries, no more
+
+
+def test_access_denied_fails_at_once_naming_the_bucket_and_operation(s3_fs: Any, s3_bucket: str, front: Any) -> None:
+    from tests.flaky_s3 import FaultPlan, Rule
+
+    front.set_plan(FaultPlan(rules=[Rule("write", s3_bucket, "403", 10**6)]))
+    with pytest.raises(StorageError, match=rf"writing 's3://{s3_bucket}/x.json': access denied to bucket '{s3_bucket}'"):
+        write_bytes(f"s3://{s3_bucket}/x.json", b"{}", _through(front))
+    assert front.injected[("write", "403")] == 1
+
+
+def test_storage_failures_are_told_from_data_errors(s3_fs: Any, s3_bucket: str) -> None:
+    from botocore.exceptions import FlexibleChecksumError
+
+    assert is_storage_failure(FlexibleChecksumError(error_msg="checksum mismatch"))
+    assert is_storage_failure(ConnectionResetError()) and is_storage_failure(TimeoutError())
+    assert not is_storage_failure(ValueError("bad JSON")) and not is_storage_failure(KeyError("column"))
+    s3_fs.pipe(f"{s3_bucket}/here.jsonl", b"x")
+    uris = [f"s3://{s3_bucket}/here.jsonl", f"s3://{s3_bucket}/gone.jsonl"]
+    assert still_present(uris) == uris[:1]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from operators.storage import Shard, list_files, write_bytes
 from pipelines.plan import plan_pieces, plan_work
-from pipelines.publish import Staging, adoptable, clean_up
+from pipelines.publish import Staging, accounting_problems, adoptable, clean_up
 
 
 def _shards(n: int, changed: dict[int, str] | None = None) -> list[Shard]:
@@ -53,8 +53,9 @@ def test_a_moved_input_root_is_embedded_again_not_carried() -> None:
     assert all(not w.carry for w in plan.todo)
 
 
-def _record(pid: str, staged_in: str) -> dict:
-    return {"id": pid, "shards": [], "files": [{"path": f"data/part-{pid}.parquet", "rows": 3, "bytes": 10}],
+def _record(pid: str, staged_in: str, read: int = 3) -> dict:
+    return {"id": pid, "shards": [{"uri": f"s3://b/{pid}.jsonl", "records": read}],
+            "files": [{"path": f"data/part-{pid}.parquet", "rows": 3, "bytes": 10}],
             "error_files": [], "rows": 3, "error_rows": 0, "staged_in": staged_in}
 
 
@@ -71,8 +72,11 @@ def test_adoption_takes_journalled_pieces_whose_files_are_still_there(tmp_path: 
     other = Staging(out, "run-other-model", "fp2", {}, flush_every_s=0).start(0)
     write_bytes(f"{out}/{other.prefix}/data/part-p4.parquet", b"x")
     other.add(_record("p4", other.prefix))
-    got = adoptable(out, "fp1", {"p1", "p2", "p3", "p4"}, own_run="run-new", storage_options={})
-    assert sorted(got) == ["p1", "p2"]  # p3: file gone; p4: another content fingerprint
+    # p5 read 4 records but wrote 3 rows (a run whose commit refused it): embedded again, never adopted
+    write_bytes(f"{out}/{crashed.prefix}/data/part-p5.parquet", b"x")
+    crashed.add(_record("p5", crashed.prefix, read=4))
+    got = adoptable(out, "fp1", {"p1", "p2", "p3", "p4", "p5"}, own_run="run-new", storage_options={})
+    assert sorted(got) == ["p1", "p2"]  # p3: file gone; p4: another content fingerprint; p5: rows lost
     assert adoptable(out, "fp1", {"p1"}, own_run="run-old", storage_options={}) == {}
 
 
@@ -90,3 +94,27 @@ def test_clean_up_removes_staging_and_unreferenced_files_but_keeps_recent_snapsh
     assert list_files(f"{out}/_staging") == [] and stats == {"staging_files": 1, "unreferenced_files": 1}
     clean_up(out, manifest, keep_snapshots=1, storage_options={})
     assert sorted(list_files(f"{out}/data")) == ["part-b.parquet", "part-c.parquet"]
+
+
+def _piece(pid: str, reads: list[int | None], rows: int, errors: int) -> dict:
+    return {"id": pid, "shards": [{"uri": f"s3://b/{pid}-{i}.jsonl", "records": r} for i, r in enumerate(reads)],
+            "files": [{"path": f"data/{pid}.parquet", "rows": rows}],
+            "error_files": [{"path": f"_errors/{pid}.parquet", "rows": errors}] if errors else []}
+
+
+def test_accounting_names_each_piece_whose_rows_do_not_add_up() -> None:
+    good, short = _piece("good", [3, 2], rows=4, errors=1), _piece("short", [5], rows=4, errors=0)
+    planned = ["s3://b/good-0.jsonl", "s3://b/good-1.jsonl", "s3://b/short-0.jsonl"]
+    assert accounting_problems([good], {}, planned[:2]) == []
+    problems = accounting_problems([good, short], {}, planned)
+    assert problems == ["piece short: read 5 records from 1 shards, but 4 rows + 0 error rows were written (+1 missing)"]
+    # the footers are the files' own count: a file that holds fewer rows than the sink recorded is caught too
+    problems = accounting_problems([good], {"data/good.parquet": 3}, planned[:2])
+    assert problems == ["piece good: the sink recorded 4 rows + 1 error rows but its files hold 3 + 1",
+                        "piece good: read 5 records from 2 shards, but 3 rows + 1 error rows were written (+1 missing)"]
+    # every listed shard in exactly one piece
+    problems = accounting_problems([good, good], {}, planned)
+    assert problems[-2:] == ["1 shards listed but in no piece: s3://b/short-0.jsonl",
+                             "2 shards in more than one piece: s3://b/good-0.jsonl, s3://b/good-1.jsonl"]
+    # a piece of an older manifest (no read counts) is not checked against reads, only against its files
+    assert accounting_problems([_piece("old", [None], rows=4, errors=0)], {"data/old.parquet": 4}) == []
