@@ -151,13 +151,18 @@ def test_random_faults_publish_exactly_the_clean_rows_or_nothing(
     assert check_files(out, m, {})["ok"]
 
 
-def test_a_failed_commit_keeps_the_previous_snapshot_and_the_next_run_completes(
-        tmp_path: Path, s3_fs: Any, s3_bucket: str, front: FlakyS3, tiny_bert: str) -> None:
-    inp, keys = _input(s3_fs, s3_bucket, tmp_path)
-    out = f"s3://{s3_bucket}/out"
+def _published(tmp: Path, s3_fs: Any, bucket: str, front: FlakyS3, tiny_bert: str) -> tuple[dict, str, set, Any]:
+    """A table published from fresh input with no faults: (config, output, input keys, its rows)."""
+    inp, keys = _input(s3_fs, bucket, tmp)
+    out = f"s3://{bucket}/out"
     cfg = _cfg(front, inp, out, tiny_bert)
     _run(cfg)
-    first = _table(out)
+    return cfg, out, keys, _table(out)
+
+
+def test_a_failed_commit_keeps_the_previous_snapshot_and_the_next_run_completes(
+        tmp_path: Path, s3_fs: Any, s3_bucket: str, front: FlakyS3, tiny_bert: str) -> None:
+    cfg, out, keys, first = _published(tmp_path, s3_fs, s3_bucket, front, tiny_bert)
     # a changed shard, then a refresh whose manifest PUT keeps failing
     s3_fs.pipe(f"{s3_bucket}/in/part-00002.jsonl",
                b'{"id": "new1", "text": "a brand new line", "label": "x"}\n')
@@ -188,11 +193,7 @@ def test_access_denied_fails_fast_naming_bucket_and_operation(
 
 def test_a_listing_that_fails_or_comes_back_short_removes_nothing(
         tmp_path: Path, s3_fs: Any, s3_bucket: str, front: FlakyS3, tiny_bert: str) -> None:
-    inp, keys = _input(s3_fs, s3_bucket, tmp_path)
-    out = f"s3://{s3_bucket}/out"
-    cfg = _cfg(front, inp, out, tiny_bert)
-    _run(cfg)
-    first = _table(out)
+    cfg, out, keys, first = _published(tmp_path, s3_fs, s3_bucket, front, tiny_bert)
     front.set_plan(FaultPlan(rules=[Rule("list", f"{s3_bucket}/in", "500", ALWAYS)]))
     with pytest.raises(StorageError, match="listing"):
         _run(cfg, "refresh")
