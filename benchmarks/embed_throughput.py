@@ -4,7 +4,7 @@ For text (``minilm-l6`` on JSONL shards) and images (``efficientnet-lite0`` on
 WebDataset tars), one run measures rows per second of:
 
 ``featx``
-    :func:`pipelines.embed.run_embed` end to end on a generated input folder
+    :func:`pipelines.embed.job.run_embed` end to end on a generated input folder
     (listing, Ray Data job, actor start, model load in the actor, Parquet,
     manifest): the report's ``seconds`` includes everything. ``featx steady``
     is the rate once the first actor has loaded its model:
@@ -16,7 +16,7 @@ WebDataset tars), one run measures rows per second of:
 ``bare forward``
     Only ``Backbone.embed_images`` / ``embed_tokens`` on batches prepared in
     memory beforehand. Text twice: batches in corpus order, and batches sorted by
-    token length (featx's :func:`operators.embedder.length_buckets`).
+    token length (featx's :func:`operators.embed.embedder.length_buckets`).
 ``SentenceTransformer``
     Text only: ``SentenceTransformer(<minilm folder>).encode(texts)`` (it sorts
     by length itself), model loaded before the clock starts.
@@ -65,14 +65,14 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from operators import columns as C  # noqa: E402
-from operators.backbones import Backbone  # noqa: E402
-from operators.embedder import embed_table, image_array, length_buckets, pad_ids, token_batches  # noqa: E402
-from operators.preprocess import count_errors, preprocess_images, preprocess_text, tokenizer_for  # noqa: E402
-from operators.readers import FORMAT_EXTENSIONS, ReadOptions, read_shard  # noqa: E402
-from operators.registry import ImagePreprocess, ModelSpec, TextPreprocess, load, resolve  # noqa: E402
-from operators.sink import output_table  # noqa: E402
-from operators.storage import Shard, list_shards  # noqa: E402
-from pipelines import sample_data  # noqa: E402
+from operators.models.backbones import Backbone  # noqa: E402
+from operators.embed.embedder import embed_table, image_array, length_buckets, pad_ids, token_batches  # noqa: E402
+from operators.preprocess.transforms import count_errors, preprocess_images, preprocess_text, tokenizer_for  # noqa: E402
+from operators.read.readers import FORMAT_EXTENSIONS, ReadOptions, read_shard  # noqa: E402
+from operators.models.registry import ImagePreprocess, ModelSpec, TextPreprocess, load, resolve  # noqa: E402
+from operators.write.sink import output_table  # noqa: E402
+from operators.io.storage import Shard, list_shards  # noqa: E402
+from pipelines.demo import sample_data  # noqa: E402
 
 Modality = Literal["text", "images"]
 MODELS: dict[Modality, str] = {"text": "minilm-l6", "images": "efficientnet-lite0"}
@@ -261,7 +261,7 @@ def make_data(modality: Modality, folder: Path, s: Settings) -> dict[str, Any]:
 
 def model_of(modality: Modality, s: Settings) -> ModelSpec:
     """The model every case of a modality runs: text truncated at ``--max-length``."""
-    from operators.registry import ModelOptions
+    from operators.models.registry import ModelOptions
 
     return resolve(MODELS[modality], ModelOptions(max_length=s.max_length) if modality == "text" else None)
 
@@ -424,7 +424,7 @@ class _ShardImages(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         self.shards, self.pre = shards, pre
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        from operators.preprocess import decode_image
+        from operators.preprocess.transforms import decode_image
 
         info = torch.utils.data.get_worker_info()
         mine = self.shards if info is None else self.shards[info.id::info.num_workers]
@@ -562,7 +562,7 @@ def time_limit(seconds: int) -> Iterator[None]:
 
 def featx_case(modality: Modality, folder: Path, out_dir: Path, s: Settings) -> tuple[Case, dict[str, np.ndarray]]:
     from pipelines.config import build_config
-    from pipelines.embed import run_embed
+    from pipelines.embed.job import run_embed
 
     overrides: dict[str, Any] = {
         "input": str(folder), "output": str(out_dir), "format": FORMATS[modality], "model": MODELS[modality],

@@ -59,10 +59,10 @@ def main() -> int:
 
     from operators.errors import StorageError
     from pipelines.config import build_config
-    from pipelines.embed import run_embed
-    from pipelines.manifest import load_manifest
-    from pipelines.query import read_table
-    from pipelines.sample_data import write_text_shards
+    from pipelines.embed.job import run_embed
+    from pipelines.publish.manifest import load_manifest
+    from pipelines.read.table import read_table
+    from pipelines.demo.sample_data import write_text_shards
 
     direct = s3fs.S3FileSystem(client_kwargs={"endpoint_url": f"http://127.0.0.1:{port}"})
     direct.mkdir("bench-in")

@@ -51,10 +51,10 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 from operators import columns as C  # noqa: E402
-from operators.backbones import autocast  # noqa: E402
-from operators.embedder import embed_image_bytes, embed_table, gather_padded, token_batches, token_budget  # noqa: E402
-from operators.preprocess import preprocess_images, preprocess_text, tokenizer_for  # noqa: E402
-from operators.registry import ImagePreprocess, ModelOptions, ModelSpec, load, resolve  # noqa: E402
+from operators.models.backbones import autocast  # noqa: E402
+from operators.embed.embedder import embed_image_bytes, embed_table, gather_padded, token_batches, token_budget  # noqa: E402
+from operators.preprocess.transforms import preprocess_images, preprocess_text, tokenizer_for  # noqa: E402
+from operators.models.registry import ImagePreprocess, ModelOptions, ModelSpec, load, resolve  # noqa: E402
 
 ASSETS = REPO / "benchmarks" / ".gpu_assets"
 MINILM_ASSET = ASSETS / "minilm-l6"
@@ -344,7 +344,7 @@ def image_cases(a: argparse.Namespace, rep: Report, deadline: float) -> None:
     # 4b. the same with batch-size autotuning (an actor's default on a GPU): tune first, then time
     if left() > 45:
         try:
-            from operators.embedder import make_tuner
+            from operators.embed.embedder import make_tuner
 
             tuner = make_tuner(bs, 8 * bs, bb.device)
             t0 = time.perf_counter()
@@ -530,7 +530,7 @@ def export_minilm(folder: Path) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from operators.registry import _minilm_path
+    from operators.models.registry import _minilm_path
 
     src = Path(_minilm_path())
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Incremental refresh against a full run, in one script: a table of many small shards, 1% of them changed.
 
-Steps, all with :func:`pipelines.embed.run_embed` on one local Ray started once (``ray.init``, not counted):
+Steps, all with :func:`pipelines.embed.job.run_embed` on one local Ray started once (``ray.init``, not counted):
 
 ``full``
     A first embed of ``--shards`` JSONL shards (``--rows-per-shard`` sentences each) into an empty output.
@@ -39,11 +39,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators.readers import FORMAT_EXTENSIONS  # noqa: E402
-from operators.storage import list_shards  # noqa: E402
+from operators.read.readers import FORMAT_EXTENSIONS  # noqa: E402
+from operators.io.storage import list_shards  # noqa: E402
 from pipelines.config import build_config  # noqa: E402
-from pipelines.embed import run_embed  # noqa: E402
-from pipelines.sample_data import topic_sentences  # noqa: E402
+from pipelines.embed.job import run_embed  # noqa: E402
+from pipelines.demo.sample_data import topic_sentences  # noqa: E402
 
 
 def write_shards(folder: Path, n: int, rows: int, sentences: list[str], seed: int = 0) -> None:

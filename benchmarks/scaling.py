@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipelines import sample_data  # noqa: E402
+from pipelines.demo import sample_data  # noqa: E402
 
 MB = 1 << 20
 
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray.data
 
     from pipelines.config import build_config
-    from pipelines.embed import run_embed
+    from pipelines.embed.job import run_embed
 
     load0 = os.getloadavg()
     sampler = RssSampler()

@@ -43,7 +43,7 @@ def peak_rss_mb() -> float:
 
 
 def make_table(out: str, rows: int, dim: int, seed: int = 0) -> float:
-    from pipelines.sample_data import write_vector_table
+    from pipelines.demo.sample_data import write_vector_table
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -51,7 +51,7 @@ def make_table(out: str, rows: int, dim: int, seed: int = 0) -> float:
     step = 100_000
     manifest = None
     # written in pieces of 100k rows so that generating the data needs no more memory than the search does
-    from pipelines.manifest import build_manifest, commit
+    from pipelines.publish.manifest import build_manifest, commit
 
     pieces = []
     for i, start in enumerate(range(0, rows, step)):
@@ -121,7 +121,7 @@ def case(name: str, table: str, queries: np.ndarray, k: int, single: int) -> dic
         def run(q: np.ndarray) -> list[list[str]]:
             return [h.keys for h in t.search_many(q, k, use_index=False)]
     elif name == "featx-faiss-ivf":
-        from pipelines.index import build_index
+        from pipelines.read.index import build_index
 
         t0 = time.perf_counter()
         meta = build_index(table, kind="ivf", progress=lambda m: None)
@@ -180,7 +180,7 @@ def main() -> None:
 
     t = featx.open(table)
     sample = t.to_arrow(["embedding"]).slice(0, 50_000)  # queries near the data: perturbed stored vectors
-    from operators.search import vectors_from_arrow
+    from operators.search.topk import vectors_from_arrow
 
     base = vectors_from_arrow(sample["embedding"], a.dim)
     q = base[rng.integers(0, len(base), a.queries)] + rng.standard_normal((a.queries, a.dim), dtype=np.float32) * 0.5

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from operators.errors import ConfigError
-from operators.storage import redact
+from operators.io.storage import redact
 
 InputFormat = Literal["images", "webdataset", "parquet", "jsonl", "parquet-images"]
 TEXT_FORMATS: frozenset[str] = frozenset({"parquet", "jsonl"})
@@ -312,7 +312,7 @@ def config_from_output(output: str, overrides: dict[str, Any] | None = None) -> 
     Secrets were never saved: they come again from the environment (instance roles, AWS_* variables).
     """
     from operators.errors import InputError
-    from operators.storage import join, read_bytes
+    from operators.io.storage import join, read_bytes
 
     raw = read_bytes(join(output, "_config.json"), (overrides or {}).get("storage_options"))
     if raw is None:

@@ -110,7 +110,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
     import torch
     from transformers import BertConfig, BertModel
 
-    from operators.registry import _minilm_path
+    from operators.models.registry import _minilm_path
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)

@@ -9,6 +9,6 @@
 Installed as the top-level package ``featx`` (pyproject maps it to this folder).
 """
 from pipelines import __version__
-from pipelines.query import FeatxTable, Hits, open
+from pipelines.read.table import FeatxTable, Hits, open
 
 __all__ = ["FeatxTable", "Hits", "open", "__version__"]

@@ -15,12 +15,12 @@ from operators import columns as C
 
 def reference_embeddings(inp: Path, model: str, key_column: str = "id") -> dict[str, np.ndarray]:
     """key -> vector for every record of the JSONL shards in ``inp``, embedded by read + preprocess + embed_table."""
-    from operators.embedder import embed_table
-    from operators.readers import read_shard
-    from operators.registry import load
+    from operators.embed.embedder import embed_table
+    from operators.read.readers import read_shard
+    from operators.models.registry import load
     from pipelines.config import build_config
-    from operators.loading import prepare_rows
-    from pipelines.embed import model_spec, read_options
+    from operators.read.loading import prepare_rows
+    from pipelines.embed.job import model_spec, read_options
 
     cfg = build_config(None, {"input": str(inp), "format": "jsonl", "output": "/unused", "model": model,
                               "key_column": key_column})

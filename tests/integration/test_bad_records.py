@@ -12,10 +12,10 @@ import pytest
 
 from operators.errors import PipelineError
 from pipelines.config import build_config
-from pipelines.embed import run_embed
-from pipelines.manifest import load_manifest
-from pipelines.query import read_table
-from pipelines.sample_data import write_image_files, write_image_tars
+from pipelines.embed.job import run_embed
+from pipelines.publish.manifest import load_manifest
+from pipelines.read.table import read_table
+from pipelines.demo.sample_data import write_image_files, write_image_tars
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.demo import run_demo
-from pipelines.manifest import load_manifest
-from pipelines.query import read_table
+from pipelines.demo.demo import run_demo
+from pipelines.publish.manifest import load_manifest
+from pipelines.read.table import read_table
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 

@@ -12,10 +12,10 @@ import pytest
 
 from operators.errors import ConfigError, UnknownModelError
 from pipelines.config import build_config
-from pipelines.embed import run_embed
-from pipelines.manifest import load_manifest
-from pipelines.query import duckdb_connection, read_table
-from pipelines.sample_data import write_image_files, write_image_parquet, write_image_tars, write_text_shards
+from pipelines.embed.job import run_embed
+from pipelines.publish.manifest import load_manifest
+from pipelines.read.table import duckdb_connection, read_table
+from pipelines.demo.sample_data import write_image_files, write_image_parquet, write_image_tars, write_text_shards
 from tests.conftest import upload
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -163,7 +163,7 @@ def test_keys_and_vectors_are_stable_across_runs_and_rerun_skips(tmp_path: Path,
     assert again["pieces_processed"] == 0 and again["shards_skipped"] == 2 and again["published_rows"] == n
     m = load_manifest(str(tmp_path / "a"))
     assert m["snapshot"] == 1 and m["rows"] == n and again["snapshot"] == 1  # nothing changed: no new snapshot
-    from pipelines.status import output_status
+    from pipelines.publish.status import output_status
 
     st = output_status(str(tmp_path / "a"))
     assert st["published"]["snapshot"] == 1 and st["published"]["rows"] == n and st["published"]["shards"] == 2

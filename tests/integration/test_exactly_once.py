@@ -20,12 +20,12 @@ import pytest
 import yaml
 
 from operators.faults import once_marker
-from operators.storage import list_files
+from operators.io.storage import list_files
 from pipelines.config import build_config
-from pipelines.embed import run_embed
-from pipelines.manifest import load_manifest
-from pipelines.query import read_table
-from pipelines.sample_data import write_text_shards
+from pipelines.embed.job import run_embed
+from pipelines.publish.manifest import load_manifest
+from pipelines.read.table import read_table
+from pipelines.demo.sample_data import write_text_shards
 from tests.conftest import upload
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
@@ -199,7 +199,7 @@ def test_driver_killed_during_commit(point: str, where: str, tmp_path: Path, tin
 
 
 def _read(output: str, rel: str) -> bytes:
-    from operators.storage import read_bytes
+    from operators.io.storage import read_bytes
 
     body = read_bytes(f"{output}/{rel}")
     assert body is not None, rel

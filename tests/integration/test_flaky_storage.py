@@ -28,11 +28,11 @@ import yaml
 
 from operators.errors import StorageError
 from pipelines.config import build_config
-from pipelines.embed import run_embed
-from pipelines.inspect import check_files
-from pipelines.manifest import load_manifest
-from pipelines.query import read_table
-from pipelines.sample_data import write_text_shards
+from pipelines.embed.job import run_embed
+from pipelines.read.inspect import check_files
+from pipelines.publish.manifest import load_manifest
+from pipelines.read.table import read_table
+from pipelines.demo.sample_data import write_text_shards
 from tests.conftest import upload
 from tests.flaky_s3 import RANDOM_KINDS, FaultPlan, FlakyS3, Rule
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.manifest import load_manifest
-from pipelines.query import read_table
-from pipelines.sample_data import write_text_shards
+from pipelines.publish.manifest import load_manifest
+from pipelines.read.table import read_table
+from pipelines.demo.sample_data import write_text_shards
 from tests.integration.helpers import run_child
 
 pytestmark = pytest.mark.slow
@@ -23,9 +23,9 @@ CHILD = textwrap.dedent('''
     import json, sys, threading, time
     import ray
     from ray.cluster_utils import Cluster
-    from operators.storage import list_files
+    from operators.io.storage import list_files
     from pipelines.config import build_config
-    from pipelines.embed import run_embed
+    from pipelines.embed.job import run_embed
 
     inp, out, model = sys.argv[1:4]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.query import read_table
-from pipelines.sample_data import write_text_shards
+from pipelines.read.table import read_table
+from pipelines.demo.sample_data import write_text_shards
 from tests.integration.helpers import assert_matches_reference, reference_embeddings, run_child
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ CHILD = textwrap.dedent('''
     import ray
     from ray.cluster_utils import Cluster
     from pipelines.config import build_config
-    from pipelines.embed import run_embed
+    from pipelines.embed.job import run_embed
 
     inp, out, model = sys.argv[1:4]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})

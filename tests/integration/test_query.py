@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 import featx
 from operators.errors import InputError
-from pipelines.cli import app
+from pipelines.cli.app import app
 from pipelines.config import build_config
-from pipelines.embed import run_embed
-from pipelines.sample_data import write_text_shards
+from pipelines.embed.job import run_embed
+from pipelines.demo.sample_data import write_text_shards
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
@@ -99,7 +99,7 @@ def test_cli_query_and_index_on_s3(s3_table: tuple[str, list[dict[str, Any]]]) -
 
 
 def test_image_query_finds_the_same_image(tmp_path: Path, tiny_resnet_weights: str) -> None:
-    from pipelines.sample_data import write_image_files
+    from pipelines.demo.sample_data import write_image_files
 
     write_image_files(tmp_path / "in", per_photo=2, photos=("chelsea", "coffee", "brick"))
     out = str(tmp_path / "out")

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from operators.errors import InputError
-from operators.storage import list_files
+from operators.io.storage import list_files
 from pipelines.config import build_config, config_from_output
-from pipelines.embed import run_embed
-from pipelines.lease import LEASE, OutputBusyError
-from pipelines.manifest import load_manifest, load_snapshot
-from pipelines.query import read_table
-from pipelines.sample_data import write_text_shards
-from pipelines.status import output_status
+from pipelines.embed.job import run_embed
+from pipelines.publish.lease import LEASE, OutputBusyError
+from pipelines.publish.manifest import load_manifest, load_snapshot
+from pipelines.read.table import read_table
+from pipelines.demo.sample_data import write_text_shards
+from pipelines.publish.status import output_status
 from tests.conftest import upload
 
 pytestmark = pytest.mark.usefixtures("ray_local")

@@ -106,7 +106,7 @@ def _jobs(head: dict[str, Any], args: list[str]) -> Any:
     """`featx jobs ...` in this process (the submit calls above run as real subprocesses)."""
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from pipelines.cli.app import app
 
     return CliRunner().invoke(app, ["jobs", "--address", head["url"], *args], env={"RAY_AUTH_TOKEN": head["token"]})
 
@@ -119,8 +119,8 @@ def _client(head: dict[str, Any]) -> Any:
 
 def test_submit_embed_job_succeeds_with_token_and_leaks_no_secret(
         ray_head: dict[str, Any], tmp_path: Path, tiny_bert: str, s3_fs: Any, s3_bucket: str) -> None:
-    from pipelines.query import read_table
-    from pipelines.sample_data import write_text_shards
+    from pipelines.read.table import read_table
+    from pipelines.demo.sample_data import write_text_shards
 
     info = write_text_shards(tmp_path / "in", fmt="jsonl", shards=3, max_per_topic=4, limit=24)
     src = upload(s3_fs, tmp_path / "in", s3_bucket, "in")

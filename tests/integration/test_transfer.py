@@ -18,9 +18,9 @@ import pytest
 
 from operators.errors import InputError
 from pipelines.config import FinetuneConfig, TrainConfig, TuneConfig, build_config
-from pipelines.embed import run_embed
-from pipelines.query import read_table
-from pipelines.sample_data import write_transfer_images
+from pipelines.embed.job import run_embed
+from pipelines.read.table import read_table
+from pipelines.demo.sample_data import write_transfer_images
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
@@ -50,7 +50,7 @@ def tables(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def _train(tables: dict[str, str], which: str, out: str, **extra: Any) -> dict[str, Any]:
-    from pipelines.train import run_train
+    from pipelines.learn.train import run_train
 
     cfg = build_config(None, {"embeddings": tables[which], "label_column": "label", "split_column": "split",
                               "output": out, "epochs": 30, "patience": 6, "num_workers": 2, **extra}, cls=TrainConfig)
@@ -79,7 +79,7 @@ def _accuracy(preds_dir: Path, table_uri: str) -> float:
 
 
 def test_probe_matches_sklearn_beats_random_init_and_adapts_with_coral(tables: dict[str, str], tmp_path: Path) -> None:
-    from pipelines.predict import run_predict
+    from pipelines.learn.predict import run_predict
 
     probe = _train(tables, "pretrained", str(tmp_path / "probe"))
     rnd = _train(tables, "random", str(tmp_path / "probe-random"))
@@ -114,7 +114,7 @@ def test_probe_matches_sklearn_beats_random_init_and_adapts_with_coral(tables: d
 
 
 def test_tune_grid_picks_the_best_trial(tables: dict[str, str], tmp_path: Path) -> None:
-    from pipelines.tune import run_tune
+    from pipelines.learn.tune import run_tune
 
     cfg = build_config(None, {"train": {"embeddings": tables["pretrained"], "label_column": "label",
                                         "split_column": "split", "output": str(tmp_path), "head": "mlp",
@@ -132,8 +132,8 @@ def test_tune_grid_picks_the_best_trial(tables: dict[str, str], tmp_path: Path) 
 
 
 def test_bad_training_input_fails_before_training(tables: dict[str, str], tmp_path: Path) -> None:
-    from pipelines.predict import run_predict
-    from pipelines.train import prepare
+    from pipelines.learn.predict import run_predict
+    from pipelines.learn.train import prepare
 
     base = {"embeddings": tables["pretrained"], "output": str(tmp_path / "o"), "split_column": "split"}
     with pytest.raises(InputError, match="column 'species' is not in the embeddings table.*label"):
@@ -144,7 +144,7 @@ def test_bad_training_input_fails_before_training(tables: dict[str, str], tmp_pa
     # (a label seen only in validation, an empty validation split, null labels: tests/unit/pipelines/test_labels.py)
     # a head applied to a table of another dim
     head_dir = tmp_path / "head"
-    from operators.heads import HeadSpec, build_head, save_head
+    from operators.learn.heads import HeadSpec, build_head, save_head
 
     save_head(head_dir, build_head(HeadSpec(kind="linear", dim=384, labels=["a", "b"])),
               HeadSpec(kind="linear", dim=384, labels=["a", "b"]))
@@ -158,9 +158,9 @@ def test_bad_training_input_fails_before_training(tables: dict[str, str], tmp_pa
 def test_finetune_efficientnet_freezes_unfreezes_and_registers(tables: dict[str, str], tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from operators.backbones import layer_groups
-    from operators.registry import load, resolve
-    from pipelines.finetune import run_finetune
+    from operators.models.backbones import layer_groups
+    from operators.models.registry import load, resolve
+    from pipelines.learn.finetune import run_finetune
 
     out = tmp_path / "ft"
     cfg = build_config(None, {"input": tables["src_input"], "format": "parquet-images", "label_column": "label",
@@ -196,8 +196,8 @@ def test_finetune_efficientnet_freezes_unfreezes_and_registers(tables: dict[str,
 def test_finetune_minilm_for_text_classification(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from pipelines.finetune import run_finetune
-    from pipelines.sample_data import topic_sentences
+    from pipelines.learn.finetune import run_finetune
+    from pipelines.demo.sample_data import topic_sentences
 
     by_topic: dict[str, list[str]] = {}
     for topic, sentence in topic_sentences(max_per_topic=24):
@@ -217,7 +217,7 @@ def test_finetune_minilm_for_text_classification(tmp_path: Path) -> None:
     assert [len(h["trainable_groups"]) for h in hist] == [1, 2]
     assert summary["best"]["val_accuracy"] > 2 / summary["classes"]  # well above chance
     tuned = load_file(str(next((out / "backbone").glob("*.safetensors"))))
-    from operators.registry import load, resolve
+    from operators.models.registry import load, resolve
 
     base = load(resolve("minilm-l6"), "cpu").module.state_dict()
     assert np.array_equal(base["embeddings.word_embeddings.weight"].numpy(), tuned["embeddings.word_embeddings.weight"].numpy())

@@ -88,7 +88,7 @@ def check_featx_command(entrypoint: str, where: str) -> None:
     import click
     from typer.main import get_command
 
-    from pipelines.cli import app
+    from pipelines.cli.app import app
 
     argv = shlex.split(entrypoint)
     assert argv[0] == "featx", f"{where}: {entrypoint!r} is not a featx command"

@@ -1,0 +1,4 @@
+"""``python -m pipelines.cli``: the `featx` command without the console script (shipped code on clusters)."""
+from pipelines.cli.app import main
+
+main()

@@ -1,0 +1,50 @@
+"""`featx status`: what is published at an output, and the history of runs that wrote it."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from operators.errors import InputError
+from operators.io.storage import get_fs, join, retry
+from pipelines.publish.manifest import load_manifest
+
+RUN_FIELDS = ("run_id", "command", "status", "started", "finished", "shards_processed", "shards_skipped",
+              "shards_adopted", "rows_in", "rows_out", "error_rows", "quarantined", "rows_per_second", "snapshot")
+
+
+def output_status(output: str, storage_options: dict[str, Any] | None = None, last_runs: int = 20) -> dict[str, Any]:
+    from pipelines.publish.lease import is_stale, read_lease
+
+    manifest = load_manifest(output, storage_options)
+    runs = _runs(output, storage_options)[-last_runs:]
+    holder = read_lease(output, storage_options)
+    if manifest is None and not runs and holder is None:
+        raise InputError(f"nothing at {output!r}: no _manifest.json and no run reports; check the URI")
+    published = None
+    if manifest is not None:
+        published = {
+            "snapshot": manifest["snapshot"], "created": manifest["created"], "run_id": manifest["run_id"],
+            "model": manifest["model"]["model"], "model_fingerprint": manifest["model_fingerprint"],
+            "dim": manifest["dim"], "embedding_dtype": manifest["embedding_dtype"],
+            "input": manifest["input"], "shards": manifest["shards"], "pieces": len(manifest["pieces"]),
+            "data_files": len(manifest["files"]), "rows": manifest["rows"], "error_rows": manifest["error_rows"],
+            "bytes": sum(f.get("bytes", 0) for f in manifest["files"]),
+        }
+    running = None if holder is None else {"run_id": holder.run_id, "host": holder.host, "pid": holder.pid,
+                                           "stale": is_stale(holder), "what": holder.describe()}
+    return {"output": output, "published": published, "running": running, "runs": runs}
+
+
+def _runs(output: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+    fs, path = get_fs(join(output, "_runs"), storage_options)
+    try:
+        names = sorted(retry(lambda: fs.ls(path, detail=False), f"listing {join(output, '_runs')!r}"))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        report = json.loads(retry(lambda n=name: fs.cat_file(n), f"reading {name!r}"))
+        out.append({k: report.get(k) for k in RUN_FIELDS})
+    return sorted(out, key=lambda r: (r["started"] or "", r["finished"] or ""))
