@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from operators.errors import ConfigError
 from operators.io.storage import redact
+from operators.models.registry import ModelOptions, ModelSpec, resolve, with_image_size
+from operators.read.readers import ReadOptions
 
 InputFormat = Literal["images", "webdataset", "parquet", "jsonl", "parquet-images"]
 TEXT_FORMATS: frozenset[str] = frozenset({"parquet", "jsonl"})
@@ -328,3 +330,35 @@ def config_from_output(output: str, overrides: dict[str, Any] | None = None) -> 
 
 def dump_config(cfg: BaseModel) -> str:
     return json.dumps(cfg.public_dict(), indent=2, sort_keys=True)
+
+
+# -- from a config to the operators' options ------------------------------------------------------------------
+
+def model_spec(cfg: "EmbedConfig | FinetuneConfig") -> ModelSpec:
+    """The registry's spec for a job's model, checked against its input format (and its image size)."""
+    opts = ModelOptions(weights=cfg.weights, revision=getattr(cfg, "revision", None), pooling=cfg.pooling,
+                        normalize=getattr(cfg, "normalize", ModelOptions().normalize), max_length=cfg.max_length,
+                        trust_remote_code=cfg.trust_remote_code)
+    spec = resolve(cfg.model, opts)
+    wants_image = cfg.format in IMAGE_FORMATS
+    if wants_image != (spec.modality == "image"):
+        raise ConfigError(
+            f"model {cfg.model!r} is a{'n' if spec.modality == 'image' else ''} {spec.modality} model but format "
+            f"{cfg.format!r} holds {'images' if wants_image else 'text'}; pick a matching model "
+            f"(images: efficientnet-lite0, resnet50, ...; text: minilm-l6, hf:<id>)"
+        )
+    image_size = getattr(cfg, "image_size", None)
+    if image_size and spec.modality != "image":
+        raise ConfigError("image_size applies to image models only")
+    return with_image_size(spec, image_size) if image_size else spec
+
+
+def read_options(cfg: "EmbedConfig | FinetuneConfig") -> ReadOptions:
+    """How a job's readers read its input: the embed job's passthrough columns, or fine-tuning's label/split."""
+    if isinstance(cfg, FinetuneConfig):
+        passthrough = () if cfg.label_column == "folder" else (cfg.label_column,)
+        passthrough += (cfg.split_column,) if cfg.split_column else ()
+    else:
+        passthrough = tuple(cfg.passthrough)
+    return ReadOptions(format=cfg.format, text_column=cfg.text_column, image_column=cfg.image_column,
+                       key_column=cfg.key_column, passthrough=passthrough, storage_options=dict(cfg.storage_options))

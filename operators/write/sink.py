@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from operators import columns as C
 from operators.faults import drop_rows
+from operators.io.parquet import read_parquet
 from operators.io.storage import join, retries_done, short_hash, write_bytes
 
 RESULT_SCHEMA = pa.schema(
@@ -157,31 +158,6 @@ def _write_one(part: pa.Table, piece: str, opts: SinkOptions) -> dict[str, Any]:
     }
 
 
-def _read_parquet(uri: str, storage_options: dict[str, Any]) -> pa.Table:
-    from operators.io.storage import get_fs, retry
-
-    fs, path = get_fs(uri, storage_options)
-
-    def run() -> pa.Table:
-        with fs.open(path, "rb") as f:
-            return pq.read_table(f)
-
-    return retry(run, f"reading {uri!r}")
-
-
-def parquet_rows(uri: str, storage_options: dict[str, Any]) -> int:
-    """Rows in a Parquet file, from its footer alone (a ranged read, not the data)."""
-    from operators.io.storage import get_fs, retry
-
-    fs, path = get_fs(uri, storage_options)
-
-    def run() -> int:
-        with fs.open(path, "rb") as f:
-            return int(pq.read_metadata(f).num_rows)
-
-    return retry(run, f"reading the footer of {uri!r}")
-
-
 def carry_piece(piece: str, sources: list[dict[str, Any]], opts: SinkOptions) -> dict[str, Any]:
     """Copy the published rows (and error rows) of a piece's unchanged shards into one part of the new piece.
 
@@ -194,10 +170,10 @@ def carry_piece(piece: str, sources: list[dict[str, Any]], opts: SinkOptions) ->
     for src in sources:
         uris = pa.array(src["uris"], pa.string())
         for f in src["files"]:
-            t = _read_parquet(join(opts.output, f), opts.storage_options)
+            t = read_parquet(join(opts.output, f), opts.storage_options)
             data.append(t.filter(pc.is_in(t[C.SOURCE], value_set=uris)))
         for f in src["error_files"]:
-            t = _read_parquet(join(opts.output, f), opts.storage_options)
+            t = read_parquet(join(opts.output, f), opts.storage_options)
             errs.append(t.filter(pc.is_in(t[C.SOURCE], value_set=uris)))
     out = pa.concat_tables(data, promote_options="permissive") if data else None
     bad = pa.concat_tables(errs, promote_options="permissive") if errs else None

@@ -33,34 +33,16 @@ from operators import columns as C
 from operators.errors import ConfigError, InputError, PipelineError
 from operators.learn.heads import HeadSpec, build_head, save_head
 from operators.learn.metrics import class_weights, confusion, scores
-from operators.read.readers import FORMAT_EXTENSIONS, ReadOptions
-from operators.models.registry import FINETUNED_CARD, ImagePreprocess, ModelOptions, ModelSpec, resolve, with_image_size
+from operators.read.readers import FORMAT_EXTENSIONS
+from operators.models.registry import FINETUNED_CARD, ImagePreprocess, ModelSpec
 from operators.io.storage import list_shards
 from pipelines.config import FinetuneConfig
+from pipelines.config import model_spec, read_options
 from pipelines.learn.labels import encode, is_val_by_column, is_val_by_hash, label_map
 from pipelines.learn.train import CHECKPOINT_EVERY, better, plot_history
 
 Y, VAL = "_y", "_val"
 _WHAT = "fine-tuning"
-
-
-def model_spec(cfg: FinetuneConfig) -> ModelSpec:
-    spec = resolve(cfg.model, ModelOptions(weights=cfg.weights, pooling=cfg.pooling, max_length=cfg.max_length,
-                                           trust_remote_code=cfg.trust_remote_code))
-    wants_image = cfg.format in ("images", "webdataset", "parquet-images")
-    if wants_image != (spec.modality == "image"):
-        raise ConfigError(f"model {cfg.model!r} is a {spec.modality} model but format {cfg.format!r} holds "
-                          f"{'images' if wants_image else 'text'}")
-    if cfg.image_size and spec.modality != "image":
-        raise ConfigError("image_size applies to image models only")
-    return with_image_size(spec, cfg.image_size)
-
-
-def read_options(cfg: FinetuneConfig) -> ReadOptions:
-    passthrough = () if cfg.label_column == "folder" else (cfg.label_column,)
-    passthrough += (cfg.split_column,) if cfg.split_column else ()
-    return ReadOptions(format=cfg.format, text_column=cfg.text_column, image_column=cfg.image_column,
-                       key_column=cfg.key_column, passthrough=passthrough, storage_options=dict(cfg.storage_options))
 
 
 def _label_values(table: pa.Table, cfg: FinetuneConfig) -> list[Any]:
@@ -281,7 +263,7 @@ def run_finetune(cfg: FinetuneConfig, progress: Callable[[str], None] = print) -
     from ray.train.torch import TorchTrainer
 
     from operators.read.loading import load_pieces
-    from pipelines.embed.job import init_ray
+    from pipelines.runtime import init_ray
     from pipelines.embed.plan import plan_pieces
 
     t_start = time.perf_counter()

@@ -56,7 +56,7 @@ def run_predict(head_dir: str, embeddings: str, output: str, storage_options: di
                 progress: Callable[[str], None] = print, ray_address: str | None = None) -> dict[str, Any]:
     import ray.data
 
-    from pipelines.embed.job import init_ray
+    from pipelines.runtime import init_ray
 
     so = dict(storage_options or {})
     t0 = time.perf_counter()

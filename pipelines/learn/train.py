@@ -147,7 +147,7 @@ def prepare(cfg: TrainConfig) -> tuple[HeadSpec, dict[str, Any], list[str]]:
             raise InputError(f"adapt_to {cfg.adapt_to!r} was embedded with another model "
                              f"({tman['model'].get('model')}) than {cfg.embeddings!r} ({manifest['model'].get('model')})")
         target = tfiles
-    from pipelines.embed.job import init_ray
+    from pipelines.runtime import init_ray
 
     init_ray(cfg.ray_address)  # after the checks above: bad input fails before any Ray work
     src = _scan(files, cfg, dim, labelled=True, full_cov=target is not None)

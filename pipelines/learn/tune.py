@@ -88,7 +88,7 @@ def run_tune(cfg: TuneConfig, output: str, progress: Callable[[str], None] = pri
     import ray
     from ray import tune
 
-    from pipelines.embed.job import init_ray
+    from pipelines.runtime import init_ray
 
     t_start = time.perf_counter()
     base = cfg.train

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from operators.errors import CommitRefused, PipelineError, StorageError
 from operators.faults import failpoint
-from operators.write.sink import parquet_rows
+from operators.io.parquet import parquet_rows
 from operators.io.storage import delete, join, list_files, move, read_bytes, write_bytes
 from pipelines.publish.lease import Lease
 from pipelines.publish.manifest import build_manifest, commit, load_manifest, load_snapshot, now

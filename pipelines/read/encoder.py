@@ -52,7 +52,7 @@ class QueryEncoder:
     @classmethod
     def for_table(cls, table: "FeatxTable", model: str | None = None, weights: str | None = None) -> "QueryEncoder":
         from pipelines.config import config_from_output
-        from pipelines.embed.job import model_spec
+        from pipelines.config import model_spec
 
         cfg = config_from_output(table.output, {"model": model, "weights": weights,
                                                 "storage_options": table.storage_options or None})

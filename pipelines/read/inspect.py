@@ -63,7 +63,7 @@ def check_files(output: str, manifest: dict[str, Any], storage_options: dict[str
     counts) = rows in its data files + rows in its error files, each file counted from its own footer."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from operators.write.sink import parquet_rows
+    from operators.io.parquet import parquet_rows
     from pipelines.publish.commit import accounting_problems, read_rows
 
     paths = [f["path"] for f in manifest.get("files", [])] + [f["path"] for f in manifest.get("error_files", [])]

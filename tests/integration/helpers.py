@@ -20,7 +20,7 @@ def reference_embeddings(inp: Path, model: str, key_column: str = "id") -> dict[
     from operators.models.registry import load
     from pipelines.config import build_config
     from operators.read.loading import prepare_rows
-    from pipelines.embed.job import model_spec, read_options
+    from pipelines.config import model_spec, read_options
 
     cfg = build_config(None, {"input": str(inp), "format": "jsonl", "output": "/unused", "model": model,
                               "key_column": key_column})

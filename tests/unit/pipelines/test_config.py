@@ -27,7 +27,7 @@ def test_every_shipped_config_loads(path: Path) -> None:
     cfg = build_config(path, cls=cls)
     assert isinstance(cfg, cls)
     if cls is EmbedConfig:
-        from pipelines.embed.job import model_spec
+        from pipelines.config import model_spec
 
         spec = model_spec(cfg)  # the model exists and matches the format
         assert spec.modality == ("text" if cfg.is_text else "image")
@@ -73,7 +73,7 @@ def test_bad_values_name_the_allowed_ones() -> None:
 def test_autotune_and_compile_reach_the_actor_with_their_defaults() -> None:
     """Batch autotuning is on for GPU actors unless set; torch.compile is off unless set and runs one stream."""
     from operators.models.registry import resolve
-    from pipelines.embed.job import embed_actor_args
+    from pipelines.embed.stream import embed_actor_args
 
     spec = resolve("minilm-l6")
     base = {"input": "x", "output": "y", "format": "jsonl"}
@@ -93,7 +93,7 @@ def test_missing_file_and_bad_set() -> None:
 
 
 def test_model_and_format_must_match() -> None:
-    from pipelines.embed.job import model_spec
+    from pipelines.config import model_spec
 
     with pytest.raises(ConfigError, match="text model but format 'images'"):
         model_spec(build_config(None, {"input": "x", "output": "y", "format": "images", "model": "minilm-l6"}))

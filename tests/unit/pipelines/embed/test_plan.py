@@ -36,7 +36,7 @@ def test_a_changed_fingerprint_changes_the_piece_id() -> None:
 
 
 def test_small_pieces_share_blocks_but_every_actor_has_work() -> None:
-    from pipelines.embed.job import TEXT_BLOCK_BYTES, block_groups
+    from pipelines.embed.stream import TEXT_BLOCK_BYTES, block_groups
 
     def blocks(sizes: list[int], actors: int, min_bytes: int = 256 << 10) -> list[int]:
         g = block_groups(sizes, actors, min_bytes)
@@ -57,7 +57,7 @@ def test_small_pieces_share_blocks_but_every_actor_has_work() -> None:
 
 
 def test_big_pieces_are_read_in_slices_so_every_actor_has_work() -> None:
-    from pipelines.embed.job import piece_slices
+    from pipelines.embed.stream import piece_slices
 
     assert piece_slices([10 << 20], actors=1) == [1]  # one actor: nothing to share
     assert piece_slices([10 << 20], actors=2) == [4]  # a single shard: two slices per actor
@@ -69,7 +69,7 @@ def test_big_pieces_are_read_in_slices_so_every_actor_has_work() -> None:
 
 def test_actor_threads_use_the_local_machine_unless_told() -> None:
     from pipelines.config import EmbedConfig
-    from pipelines.embed.job import actor_threads
+    from pipelines.runtime import actor_threads
 
     cfg = EmbedConfig(input="in", format="jsonl", output="out")
     assert actor_threads(cfg, cluster_cpus=2, max_actors=1, local=True) == 2  # a 2-core laptop: both cores
