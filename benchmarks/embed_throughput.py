@@ -68,7 +68,8 @@ from operators import columns as C  # noqa: E402
 from operators.models.backbones import Backbone  # noqa: E402
 from operators.embed.embedder import embed_table, image_array, length_buckets, pad_ids, token_batches  # noqa: E402
 from operators.preprocess.transforms import count_errors, preprocess_images, preprocess_text, tokenizer_for  # noqa: E402
-from operators.read.readers import FORMAT_EXTENSIONS, ReadOptions, read_shard  # noqa: E402
+from operators.read.formats import FORMATS as INPUT_FORMATS  # noqa: E402
+from operators.read.readers import ReadOptions, read_shard  # noqa: E402
 from operators.models.registry import ImagePreprocess, ModelSpec, TextPreprocess, load, resolve  # noqa: E402
 from operators.write.sink import output_table  # noqa: E402
 from operators.io.storage import Shard, list_shards  # noqa: E402
@@ -267,7 +268,7 @@ def model_of(modality: Modality, s: Settings) -> ModelSpec:
 
 
 def shards_of(modality: Modality, folder: Path) -> list[Shard]:
-    return list_shards(str(folder), FORMAT_EXTENSIONS[FORMATS[modality]])
+    return list_shards(str(folder), INPUT_FORMATS[FORMATS[modality]].extensions)
 
 
 def preprocess(table: pa.Table, pre: ImagePreprocess | TextPreprocess) -> pa.Table:

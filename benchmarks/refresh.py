@@ -39,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators.read.readers import FORMAT_EXTENSIONS  # noqa: E402
+from operators.read.formats import FORMATS  # noqa: E402
 from operators.io.storage import list_shards  # noqa: E402
 from pipelines.config import build_config  # noqa: E402
 from pipelines.embed.job import run_embed  # noqa: E402
@@ -90,7 +90,7 @@ def main() -> None:
         write_shards(inp, args.shards, args.rows_per_shard, sentences)
         print(f"wrote {args.shards} shards in {time.perf_counter() - t0:.1f} s under {inp}", flush=True)
         t0 = time.perf_counter()
-        listed = list_shards(str(inp), FORMAT_EXTENSIONS["jsonl"])
+        listed = list_shards(str(inp), FORMATS["jsonl"].extensions)
         listing_s = time.perf_counter() - t0
         print(f"listing {len(listed)} shards: {listing_s:.2f} s", flush=True)
 

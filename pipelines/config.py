@@ -16,11 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from operators.errors import ConfigError
 from operators.io.storage import redact
 from operators.models.registry import ModelOptions, ModelSpec, resolve, with_image_size
+from operators.read.formats import FORMATS, IMAGE_FORMATS, TEXT_FORMATS
 from operators.read.readers import ReadOptions
 
-InputFormat = Literal["images", "webdataset", "parquet", "jsonl", "parquet-images"]
-TEXT_FORMATS: frozenset[str] = frozenset({"parquet", "jsonl"})
-IMAGE_FORMATS: frozenset[str] = frozenset({"images", "webdataset", "parquet-images"})
+InputFormat = Literal[tuple(FORMATS)]  # the names in operators.read.formats
 
 CONFIG_DIR: Path = Path(__file__).parent / "configs"
 C = TypeVar("C", bound=BaseModel)

@@ -22,15 +22,8 @@ import pyarrow.parquet as pq
 from operators import columns as C
 from operators.errors import StorageError
 from operators.io.storage import read_object
+from operators.read.formats import input_format
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
-FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
-    "images": IMAGE_EXTENSIONS,
-    "webdataset": (".tar",),
-    "parquet": (".parquet", ".pq"),
-    "parquet-images": (".parquet", ".pq"),
-    "jsonl": (".jsonl", ".json", ".ndjson"),
-}
 WDS_TEXT_MEMBERS: tuple[str, ...] = ("cls", "json", "txt")
 
 
@@ -108,7 +101,7 @@ def _to_arrow(values: list[Any]) -> pa.Array:
 
 
 def payload_type(fmt: str) -> pa.DataType:
-    return pa.string() if fmt in ("parquet", "jsonl") else pa.binary()
+    return pa.binary() if input_format(fmt).is_image else pa.string()
 
 
 def read_shard(uri: str, rel: str, opts: ReadOptions, size: int | None = None) -> pa.Table:
@@ -120,10 +113,7 @@ def read_shard(uri: str, rel: str, opts: ReadOptions, size: int | None = None) -
     into an error row standing for a whole shard: the run stops and publishes nothing.
     """
     rows = _Rows(payload_type(opts.format))
-    try:
-        reader = _READERS[opts.format]
-    except KeyError:
-        raise ValueError(f"unknown format {opts.format!r}; choose one of {', '.join(_READERS)}") from None
+    reader = _READERS[input_format(opts.format).name]
     try:
         reader(_Source(uri, size, opts), rel, opts, rows)
     except StorageError:

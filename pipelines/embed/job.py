@@ -17,7 +17,7 @@ from operators.errors import ConfigError, InputError, PipelineError, StorageErro
 from operators.io.parquet import read_parquet
 from operators.io.storage import Shard, join, list_shards, retries_done, short_hash, still_present
 from operators.models.registry import ModelSpec
-from operators.read.readers import FORMAT_EXTENSIONS
+from operators.read.formats import FORMATS
 from operators.write.sink import SinkOptions
 from pipelines import __version__
 from pipelines.config import EmbedConfig, model_spec, read_options
@@ -42,7 +42,8 @@ def _check_output_outside_input(cfg: EmbedConfig) -> None:
 
 def content_fingerprint(cfg: EmbedConfig, spec: ModelSpec) -> str:
     """Everything that decides a row's output: rows are reused only between runs that agree on it."""
-    column = cfg.text_column if cfg.is_text else cfg.image_column if cfg.format == "parquet-images" else ""
+    column_key = FORMATS[cfg.format].payload_column
+    column = getattr(cfg, column_key) if column_key else ""
     # decoding in the actors (torchvision resize) gives pixels a few grey levels off Pillow's: other rows
     decode = ["decode=actors"] if cfg.image_decode == "actors" else []
     return short_hash(spec.fingerprint(), spec.preprocessing_fingerprint(), cfg.embedding_dtype, cfg.format, column,
@@ -87,7 +88,7 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
     if report.command == "refresh" and previous is None:
         raise InputError(f"nothing is published at {cfg.output!r} yet, so there is nothing to refresh; "
                          "run `featx embed` with this config first")
-    shards: list[Shard] = list_shards(cfg.input, FORMAT_EXTENSIONS[cfg.format], so, cfg.shard_fingerprint)
+    shards: list[Shard] = list_shards(cfg.input, FORMATS[cfg.format].extensions, so, cfg.shard_fingerprint)
     pieces = plan_pieces(shards, cfg.piece_max_shards, int(cfg.piece_target_mb * (1 << 20)))
     base = previous if previous and previous.get("content_fingerprint") == cfp else None
     if previous and base is None:

@@ -33,7 +33,7 @@ from operators import columns as C
 from operators.errors import ConfigError, InputError, PipelineError
 from operators.learn.heads import HeadSpec, build_head, save_head
 from operators.learn.metrics import class_weights, confusion, scores
-from operators.read.readers import FORMAT_EXTENSIONS
+from operators.read.formats import FORMATS
 from operators.models.registry import FINETUNED_CARD, ImagePreprocess, ModelSpec
 from operators.io.storage import list_shards
 from pipelines.config import FinetuneConfig
@@ -268,7 +268,7 @@ def run_finetune(cfg: FinetuneConfig, progress: Callable[[str], None] = print) -
 
     t_start = time.perf_counter()
     spec = model_spec(cfg)
-    shards = list_shards(cfg.input, FORMAT_EXTENSIONS[cfg.format], cfg.storage_options)
+    shards = list_shards(cfg.input, FORMATS[cfg.format].extensions, cfg.storage_options)
     if cfg.label_column == "folder" and cfg.format != "images":
         raise ConfigError("label_column: folder reads the class from image folders (format: images) only")
     init_ray(cfg.ray_address)
