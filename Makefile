@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PAIR)
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
-	$(BIN)/python -c "import torch, torchvision, ray, transformers, timm, pyarrow, duckdb, moto"
+	$(BIN)/python -c "import torch, torchvision, ray, transformers, timm, pyarrow, duckdb, moto, importlinter"
 	touch $(STAMP)
 
 demo: install
@@ -29,10 +29,13 @@ demo: install
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=12
 
+# lint-imports first: the layers of shared/DESIGN.md (contracts in pyproject.toml) fail fast, before any test
 test: install
+	$(BIN)/lint-imports
 	$(PYTEST) tests
 
 test-fast: install
+	$(BIN)/lint-imports
 	$(PYTEST) tests -m "not slow"
 
 bench: install

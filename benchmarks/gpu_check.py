@@ -530,9 +530,9 @@ def export_minilm(folder: Path) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from operators.models.registry import _minilm_path
+    from operators.models.packaged import minilm_path
 
-    src = Path(_minilm_path())
+    src = Path(minilm_path())
     folder.mkdir(parents=True, exist_ok=True)
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         if (src / f).exists():

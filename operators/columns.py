@@ -35,7 +35,6 @@ TS_PRE = "_ts_preprocessed"
 TS_EMBED = "_ts_embedded"
 TS_ACTOR_READY = "_ts_actor_ready"
 
-ERROR_FIELDS = (ERR_STAGE, ERR_TYPE, ERR_MSG)
 ERROR_SCHEMA = pa.schema(
     [
         pa.field(KEY, pa.string()),

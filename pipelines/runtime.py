@@ -1,30 +1,19 @@
-"""Where a job runs and with what: joining or starting Ray, and the "auto" rules for the embedding pool
-(threads per actor, CPU streams, batch autotuning, pool size), resolved against the cluster."""
+"""Where a job runs and with what: joining or starting Ray, and the embedding pool checked against the cluster.
+
+The "auto" rules themselves (threads per actor, CPU streams, batch autotuning, pool size) live in one
+function beside the config, :func:`pipelines.config.resolve_auto`; :func:`check_resources` feeds it the
+cluster and returns what each rule resolved to (the run report's ``resources``).
+"""
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
-from operators.embed.autotune import tune_limit
 from operators.errors import ConfigError
-from pipelines.config import EmbedConfig
+from pipelines.config import MAX_AUTO_STREAMS, EmbedConfig, resolve_auto
 
-MAX_AUTO_STREAMS = 4  # cpu_streams by default: one per actor thread, at most this many
-
-
-def batch_autotune(cfg: EmbedConfig) -> bool:
-    """The config's ``batch_autotune``; by default on for GPU actors only."""
-    return cfg.batch_autotune if cfg.batch_autotune is not None else cfg.num_gpus > 0
-
-
-def actor_streams(cfg: EmbedConfig, torch_threads: int) -> int:
-    """Batches each actor runs side by side: the config's ``cpu_streams``; else on CPU one single-thread
-    batch per thread, at most MAX_AUTO_STREAMS (measured on 2 cores only: 2 x 1 beats 1 x 2 there for both
-    modalities; more streams cost one batch of activations each); GPU actors run one."""
-    if cfg.num_gpus or cfg.torch_compile:
-        return 1
-    return cfg.cpu_streams or max(1, min(torch_threads, MAX_AUTO_STREAMS))
+__all__ = ["MAX_AUTO_STREAMS", "actor_streams", "actor_threads", "batch_autotune", "check_resources", "init_ray",
+           "is_local", "resolve_auto"]
 
 
 def init_ray(ray_address: str | None = None, local_resources: dict[str, float] | None = None) -> None:
@@ -44,47 +33,53 @@ def init_ray(ray_address: str | None = None, local_resources: dict[str, float] |
         ray.init(include_dashboard=False, log_to_driver=True, resources=local_resources or None)
 
 
+def is_local(cfg: EmbedConfig) -> bool:
+    """Whether the job runs on a local Ray of fixed size (no address given): its CPUs are all there is."""
+    return not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
 def check_resources(cfg: EmbedConfig) -> dict[str, Any]:
-    """Refuse a pool that would leave read/preprocess tasks no CPU (it would hang, not fail)."""
+    """The embedding pool on this Ray: the declared resources and every "auto" value resolved (``auto`` names
+    each one and its rule). Refuses a pool that would leave read/preprocess tasks no CPU (it would hang, not
+    fail) or that asks for GPUs a local Ray lacks; an autoscaling cluster may grow to fit, so there Ray waits."""
     import ray
 
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
-    plan = {"cluster_cpus": cpus, "cluster_gpus": gpus, "min_actors": cfg.min_actors, "max_actors": cfg.max_actors,
-            "num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "batch_size": cfg.batch_size, "precision": cfg.precision,
-            "batch_autotune": batch_autotune(cfg), "max_batch_size": tune_limit(cfg.batch_size, cfg.max_batch_size)}
-    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):  # an autoscaling cluster may grow to fit: Ray Data waits
-        threads = actor_threads(cfg, cpus, cfg.max_actors, local=False)
-        return {**plan, "torch_threads": threads, "cpu_streams": actor_streams(cfg, threads)}
-    need_cpu = cfg.min_actors * cfg.num_cpus + cfg.preprocess_num_cpus
-    if need_cpu > cpus + 1e-9:
-        raise ConfigError(
-            f"the embedding pool needs min_actors x num_cpus = {cfg.min_actors} x {cfg.num_cpus} CPUs plus "
-            f"preprocess_num_cpus = {cfg.preprocess_num_cpus} for reading, but the cluster has {cpus:g} CPUs; "
-            "it would wait forever. Lower num_cpus (fractions like 0.5 work), min_actors or preprocess_num_cpus."
-        )
-    if cfg.num_gpus > 0 and cfg.min_actors * cfg.num_gpus > gpus + 1e-9:
-        raise ConfigError(
-            f"num_gpus = {cfg.num_gpus} per actor x min_actors = {cfg.min_actors} needs "
-            f"{cfg.min_actors * cfg.num_gpus:g} GPUs but this Ray has {gpus:g}; set num_gpus=0 to run on CPU"
-        )
-    # on a fixed-size (local) Ray, cap the pool so that reads always keep a CPU
-    fit = max(cfg.min_actors, math.floor((cpus - cfg.preprocess_num_cpus) / cfg.num_cpus + 1e-9))
-    max_actors = min(cfg.max_actors, fit)
-    if cfg.num_gpus > 0:
-        max_actors = min(max_actors, max(cfg.min_actors, math.floor(gpus / cfg.num_gpus + 1e-9)))
-    threads = actor_threads(cfg, cpus, max_actors, local=True)
-    return {**plan, "max_actors": max_actors, "torch_threads": threads, "cpu_streams": actor_streams(cfg, threads)}
+    local = is_local(cfg)
+    if local:
+        need_cpu = cfg.min_actors * cfg.num_cpus + cfg.preprocess_num_cpus
+        if need_cpu > cpus + 1e-9:
+            raise ConfigError(
+                f"the embedding pool needs min_actors x num_cpus = {cfg.min_actors} x {cfg.num_cpus} CPUs plus "
+                f"preprocess_num_cpus = {cfg.preprocess_num_cpus} for reading, but the cluster has {cpus:g} CPUs; "
+                "it would wait forever. Lower num_cpus (fractions like 0.5 work), min_actors or preprocess_num_cpus."
+            )
+        if cfg.num_gpus > 0 and cfg.min_actors * cfg.num_gpus > gpus + 1e-9:
+            raise ConfigError(
+                f"num_gpus = {cfg.num_gpus} per actor x min_actors = {cfg.min_actors} needs "
+                f"{cfg.min_actors * cfg.num_gpus:g} GPUs but this Ray has {gpus:g}; set num_gpus=0 to run on CPU"
+            )
+    return {"cluster_cpus": cpus, "cluster_gpus": gpus, "local_ray": local, "min_actors": cfg.min_actors,
+            "num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "batch_size": cfg.batch_size,
+            "precision": cfg.precision, **resolve_auto(cfg, cpus, gpus, local)}
+
+
+# -- one resolved value each, for callers that need just that one (the rules are in resolve_auto) --------------
+
+def batch_autotune(cfg: EmbedConfig) -> bool:
+    """The config's ``batch_autotune``; by default on for GPU actors only."""
+    return bool(resolve_auto(cfg, 0.0, 0.0, local=False)["batch_autotune"])
+
+
+def actor_streams(cfg: EmbedConfig, torch_threads: int) -> int:
+    """Batches each actor runs side by side, for actors of ``torch_threads`` threads."""
+    actor = cfg.model_copy(update={"torch_threads": torch_threads})
+    return int(resolve_auto(actor, 0.0, 0.0, local=False)["cpu_streams"])
 
 
 def actor_threads(cfg: EmbedConfig, cluster_cpus: float, max_actors: int, local: bool) -> int:
-    """Intra-op threads per embedding actor: the config's ``torch_threads``; else, on a local CPU-only Ray,
-    the machine's CPUs shared by the actors (read tasks are short bursts: a 2-core laptop with one actor
-    runs 2 threads, measured 1.46x the rows/s of 1); else ceil(num_cpus)."""
-    if cfg.torch_threads:
-        return cfg.torch_threads
-    declared = max(1, math.ceil(cfg.num_cpus))
-    if not local or cfg.num_gpus > 0:
-        return declared
-    return max(declared, int(cluster_cpus // max(1, max_actors)))
-
+    """Intra-op threads per embedding actor in a pool of at most ``max_actors`` on ``cluster_cpus`` CPUs."""
+    pool = cfg.model_copy(update={"min_actors": 1, "max_actors": max_actors})
+    gpus = max_actors * cfg.num_gpus  # GPUs for the whole pool: only the CPUs cap it here
+    return int(resolve_auto(pool, cluster_cpus, gpus, local)["torch_threads"])

@@ -110,14 +110,14 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
     import torch
     from transformers import BertConfig, BertModel
 
-    from operators.models.registry import _minilm_path
+    from operators.models.packaged import minilm_path
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=128)
     BertModel(cfg).save_pretrained(folder, safe_serialization=True)
-    src = Path(_minilm_path())
+    src = Path(minilm_path())
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (src / f).exists():
             shutil.copy(src / f, folder / f)

@@ -20,17 +20,16 @@ import pyarrow as pa
 
 from operators import columns as C
 from operators.embed.autotune import BatchTuner, tune_limit
-from operators.models.backbones import Backbone
 from operators.faults import ENV as FAULTS_ENV, crash_embed_once
-from operators.models.registry import ImagePreprocess, ModelSpec, load
+from operators.models.backbones import Backbone
+from operators.models.registry import load
+from operators.models.specs import ImagePreprocess, ModelSpec
+from operators.preprocess.transforms import preprocess_images
 
 
-# oneDNN keeps one compiled primitive per distinct input shape and layer shape, 1,024 by default. Text
-# batches come in many shapes (rows x longest), so a long-lived actor's memory grew ~50 MB per 3,000-row
-# block of new lengths (MiniLM, 2 cores) until the cache filled: 10x the data took 1.43x the peak RSS.
-# Measured in process (5 blocks of 1,500 random-length rows, 2 streams; /tmp probes, figures in the
-# benchmarks README): MiniLM 116-119 rows/s with the cache at 0, 16, 64, 256 or 1,024 entries, peak RSS
-# 810-826 / 901 / 1,032-1,067 / 1,167 / 1,129-1,215 MB; EfficientNet-Lite0 43-45 img/s at 0, 16 or 1,024.
+# oneDNN keeps one compiled primitive per distinct input shape and layer shape (1,024 by default); text
+# batches come in many shapes (rows x longest), so a long-lived actor's memory grew with every new length
+# until the cache filled. A small cache costs no speed (figures: benchmarks/README.md, scaling).
 ONEDNN_CACHE = 16
 
 
@@ -104,13 +103,12 @@ def token_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None =
     """featx's text batching: positions sorted by token count, cut where it costs least.
 
     A forward pass costs about one unit per padded token plus a fixed ``batch_cost`` per call (kernel
-    launches, Python; default 1.5 x the window's mean length, measured ~1.5 rows' worth for MiniLM on
-    CPU). The cut minimises ``padded tokens + batch_cost x batches`` exactly over segments that start and
-    end on a change of length (a dynamic programme over the distinct lengths, at most ``max_length`` of
-    them: milliseconds), under the limits of :func:`length_buckets`: at most ``max_tokens`` padded tokens
-    (default :func:`token_budget`) and 8 x ``batch_size`` rows per batch. A segment over those limits is
-    cut into near-equal batches. On 1,430-row windows of real sentences this pads 1.3% of the tokens
-    where a greedy fill pads 5.3% (``benchmarks/embed_throughput.py``).
+    launches, Python; default 1.5 x the window's mean length). The cut minimises ``padded tokens +
+    batch_cost x batches`` exactly over segments that start and end on a change of length (a dynamic
+    programme over the distinct lengths, at most ``max_length`` of them), under the limits of
+    :func:`length_buckets`: at most ``max_tokens`` padded tokens (default :func:`token_budget`) and 8 x
+    ``batch_size`` rows per batch. A segment over those limits is cut into near-equal batches. It pads
+    less than a greedy fill (``benchmarks/embed_throughput.py``; figures in benchmarks/README.md).
     """
     lengths = np.asarray(lengths)
     if not len(lengths):
@@ -170,9 +168,7 @@ def embed_table(bb: Backbone, table: pa.Table, batch_size: int, precision: str =
     """
     t0 = time.perf_counter()
     batch_size = tuner.size if tuner is not None else batch_size
-    n = table.num_rows
     ok = np.asarray(C.ok_mask(table).to_numpy(zero_copy_only=False), dtype=bool)
-    out = np.zeros((n, bb.dim), dtype=np.float32)
     stages, types, msgs = C.read_errors(table)
     rows = np.flatnonzero(ok)
     done: list[tuple[np.ndarray, Any]] = []  # (row indices, float32 vectors on the device)
@@ -212,11 +208,19 @@ def embed_table(bb: Backbone, table: pa.Table, batch_size: int, precision: str =
                 ok[i] = False
                 stages[i], types[i] = "embed", type(result).__name__
                 msgs[i] = f"forward pass failed for the batch holding {table[C.KEY][int(i)].as_py()!r}: {result}"[:2000]
+    return _with_vectors(table, C.INPUT, done, ok, bb.dim, (stages, types, msgs), batch_size, t0)
+
+
+def _with_vectors(table: pa.Table, consumed: str, done: list[tuple[np.ndarray, Any]], ok: np.ndarray, dim: int,
+                  errors: tuple[list[Any], list[Any], list[Any]], batch_size: int, t0: float) -> pa.Table:
+    """The output block: the ``consumed`` input column replaced by ``embedding`` (the device results
+    scattered by row; null where ``ok`` is False), the errors, the batch size and the embedding time."""
+    n = table.num_rows
+    out = np.zeros((n, dim), dtype=np.float32)
     if done:
         _gather_vectors(done, out)
-    emb = vectors_to_arrow(out, ok, bb.dim)
-    table = table.drop_columns([C.INPUT]).append_column(C.EMBEDDING, emb)
-    table = C.write_errors(table, stages, types, msgs)
+    table = table.drop_columns([consumed]).append_column(C.EMBEDDING, vectors_to_arrow(out, ok, dim))
+    table = C.write_errors(table, *errors)
     table = table.append_column(C.BATCH, pa.array(np.full(n, batch_size, dtype=np.int32)))
     return table.append_column(C.T_EMBED, C.row_shares(time.perf_counter() - t0, n))
 
@@ -252,14 +256,14 @@ def embed_image_bytes(bb: Backbone, table: pa.Table, batch_size: int, precision:
                       tuner: BatchTuner | None = None) -> pa.Table:
     """Raw image bytes (the ``payload`` column) -> ``embedding``, decoding in the actor.
 
-    On a GPU, :func:`operators.preprocess.transforms.decode_images_torch` replaces the CPU preprocess task (nvJPEG on
+    On a GPU, :func:`operators.embed.decode.decode_images_torch` replaces the CPU preprocess task (nvJPEG on
     CUDA); on a CPU, :func:`operators.preprocess.transforms.preprocess_images` runs here instead of in a task
     (``torch_decode`` overrides the choice). Records that fail to decode become error rows with stage
     ``decode``.
     """
     import torch
 
-    from operators.preprocess.transforms import decode_images_torch, preprocess_images
+    from operators.embed.decode import decode_images_torch
 
     pre = bb.spec.preprocessing
     assert isinstance(pre, ImagePreprocess), "embed_image_bytes is for image models"
@@ -274,9 +278,7 @@ def embed_image_bytes(bb: Backbone, table: pa.Table, batch_size: int, precision:
         return embed_table(bb, table, batch_size, precision, pool=pool, tuner=tuner)
     t0 = time.perf_counter()
     batch_size = tuner.size if tuner is not None else batch_size
-    n = table.num_rows
     ok = np.asarray(C.ok_mask(table).to_numpy(zero_copy_only=False), dtype=bool)
-    out = np.zeros((n, bb.dim), dtype=np.float32)
     stages, types, msgs = C.read_errors(table)
     payloads = table[C.PAYLOAD]
     done: list[tuple[np.ndarray, Any]] = []
@@ -297,12 +299,7 @@ def embed_image_bytes(bb: Backbone, table: pa.Table, batch_size: int, precision:
                             tuner, batch_size, len, bb.device)
             for pos, vecs in _run_splitting(forward, np.arange(len(base))):
                 done.append((base[pos], vecs))
-    if done:
-        _gather_vectors(done, out)
-    table = table.drop_columns([C.PAYLOAD]).append_column(C.EMBEDDING, vectors_to_arrow(out, ok, bb.dim))
-    table = C.write_errors(table, stages, types, msgs)
-    table = table.append_column(C.BATCH, pa.array(np.full(n, batch_size, dtype=np.int32)))
-    return table.append_column(C.T_EMBED, C.row_shares(time.perf_counter() - t0, n))
+    return _with_vectors(table, C.PAYLOAD, done, ok, bb.dim, (stages, types, msgs), batch_size, t0)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -434,8 +431,8 @@ class EmbedActor:
     ``streams`` (CPU only): batches run side by side on that many threads, the actor's ``torch_threads``
     split among them. Two single-thread batches on a 2-core actor do not wait for each other at every
     operator as two threads of one batch do (nor stall together when anything else on the machine runs):
-    measured 1.11x (EfficientNet-Lite0) and 1.09x (MiniLM) the rows/s of one 2-thread batch, the speed
-    of two single-thread processes, with one model in memory and one start-up.
+    the speed of two single-thread processes, with one model in memory and one start-up (figures in
+    benchmarks/README.md).
     """
 
     def __init__(self, spec: ModelSpec, batch_size: int, precision: str, num_gpus: float, torch_threads: int,

@@ -1,5 +1,6 @@
-"""Parquet over any fsspec store: whole tables, footers, and the Arrow filesystem that Ray Data and
-pyarrow datasets read through. The one place featx opens Parquet files it did not just write."""
+"""Parquet over any fsspec store: whole tables, files opened for reading in batches, footers, and the
+Arrow filesystem that Ray Data and pyarrow datasets read through. The one place featx opens Parquet
+files it did not just write (a shard's bytes already in memory are parsed where they are read)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +8,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from operators.io.storage import get_fs, retry
+from operators.io.storage import get_fs, is_local, retry
 
 
 def read_parquet(uri: str, storage_options: dict[str, Any] | None = None, columns: list[str] | None = None) -> pa.Table:
@@ -19,6 +20,19 @@ def read_parquet(uri: str, storage_options: dict[str, Any] | None = None, column
             return pq.read_table(f, columns=columns)
 
     return retry(run, f"reading {uri!r}")
+
+
+def open_parquet_file(uri: str, storage_options: dict[str, Any] | None = None) -> pq.ParquetFile:
+    """A Parquet file opened for reading in batches or row groups (its footer read, its data not yet).
+
+    Reads are buffered page by page, not by whole column chunks: a large row group of vectors would
+    otherwise cost several times its size in decode buffers. Local files go through Arrow's own reader.
+    """
+    fs, path = get_fs(uri, storage_options)
+    opts: dict[str, Any] = {"pre_buffer": False, "buffer_size": 1 << 20}
+    if is_local(fs):
+        return retry(lambda: pq.ParquetFile(path, **opts), f"opening {uri!r}")
+    return retry(lambda: pq.ParquetFile(fs.open(path, "rb"), **opts), f"opening {uri!r}")
 
 
 def parquet_rows(uri: str, storage_options: dict[str, Any] | None = None) -> int:
@@ -35,9 +49,9 @@ def parquet_rows(uri: str, storage_options: dict[str, Any] | None = None) -> int
 def arrow_filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> Any:
     """A pyarrow filesystem for ``uri``'s store (None for local paths: pyarrow's own is used), built over the
     same fsspec filesystem (endpoint, credentials) as the rest of featx."""
-    if "://" not in uri or uri.startswith("file://"):
+    fs, _ = get_fs(uri, storage_options)
+    if is_local(fs):
         return None
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    fs, _ = get_fs(uri, storage_options)
     return PyFileSystem(FSSpecHandler(fs))

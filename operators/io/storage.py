@@ -244,7 +244,6 @@ def short_hash(*parts: str, n: int = 16) -> str:
     return h.hexdigest()[:n]
 
 
-
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     """True for the local disk's filesystem (protocols "file" / "local")."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)

@@ -8,23 +8,42 @@ import numpy as np
 
 from operators.errors import InputError
 
+
 @dataclass
 class Moments:
-    """Streaming first and second moments of feature rows (float64), mergeable across chunks/workers."""
+    """Streaming first and second moments of feature rows (float64), mergeable across chunks and workers.
+
+    ``sq`` (per-feature sums of squares) is always kept, for the scaler; ``ss`` (the full x x^T, dim^2 floats)
+    only when asked, for CORAL.
+    """
 
     n: int
     s: np.ndarray  # sum of x
-    ss: np.ndarray  # sum of x x^T
+    sq: np.ndarray  # sum of x * x, per feature
+    ss: np.ndarray | None = None  # sum of x x^T
 
     @classmethod
-    def empty(cls, dim: int) -> "Moments":
-        return cls(0, np.zeros(dim), np.zeros((dim, dim)))
+    def empty(cls, dim: int, full: bool = True) -> Moments:
+        return cls(0, np.zeros(dim), np.zeros(dim), np.zeros((dim, dim)) if full else None)
 
-    def add(self, x: np.ndarray) -> "Moments":
+    def add(self, x: np.ndarray) -> Moments:
         x = np.asarray(x, dtype=np.float64)
-        return Moments(self.n + len(x), self.s + x.sum(0), self.ss + x.T @ x)
+        ss = None if self.ss is None else self.ss + x.T @ x
+        return Moments(self.n + len(x), self.s + x.sum(0), self.sq + (x * x).sum(0), ss)
+
+    def merge(self, other: Moments) -> Moments:
+        ss = None if self.ss is None or other.ss is None else self.ss + other.ss
+        return Moments(self.n + other.n, self.s + other.s, self.sq + other.sq, ss)
+
+    def mean_var(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-feature mean and (population) variance."""
+        mean = self.s / max(self.n, 1)
+        return mean, self.sq / max(self.n, 1) - mean**2
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.ss is None:
+            raise ValueError("these moments were gathered without the full covariance; "
+                             "gather them from Moments.empty(dim, full=True)")
         mean = self.s / max(self.n, 1)
         cov = (self.ss - self.n * np.outer(mean, mean)) / max(self.n - 1, 1)
         return mean, cov

@@ -51,7 +51,7 @@ def save_head(folder: str | Path, module: torch.nn.Module, spec: HeadSpec, extra
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(module).state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(module).state_dict().items()}
     save_file(state, str(folder / HEAD_WEIGHTS))
     meta = asdict(spec)
     meta["adaptation"] = {k: v for k, v in spec.adaptation.items() if not k.startswith("_")}  # no cached arrays
@@ -64,7 +64,8 @@ def load_head(folder: str | Path) -> tuple[torch.nn.Module, HeadSpec, dict[str, 
 
     folder = Path(folder)
     if not (folder / HEAD_CONFIG).exists():
-        raise InputError(f"{folder} is not a trained featx head (no {HEAD_CONFIG}); point --model at a `featx train` output")
+        raise InputError(f"{folder} is not a trained featx head (no {HEAD_CONFIG}); "
+                         "point --model at a `featx train` output")
     meta = json.loads((folder / HEAD_CONFIG).read_text())
     names = {f for f in HeadSpec.__dataclass_fields__}
     spec = HeadSpec(**{k: v for k, v in meta.items() if k in names})
@@ -73,7 +74,7 @@ def load_head(folder: str | Path) -> tuple[torch.nn.Module, HeadSpec, dict[str, 
     return module.eval(), spec, meta
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module.module if hasattr(module, "module") and isinstance(module.module, torch.nn.Module) else module
 
 

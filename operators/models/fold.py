@@ -3,8 +3,8 @@
 A frozen CNN in eval mode runs every BatchNorm as a separate pass over its activations: the scale and
 shift are constants, so they can go into the preceding convolution's weights and bias instead
 (``w' = w * g / sqrt(var + eps)``, ``b' = (b - mean) * g / sqrt(var + eps) + beta``), and the norm
-layer becomes its activation alone (or nothing). On 2 CPU cores this makes EfficientNet-Lite0 about
-1.35x faster; the vectors move by float rounding only (max abs difference ~1e-6).
+layer becomes its activation alone (or nothing). The forward pass gets faster (figures in
+benchmarks/README.md); the vectors move by float rounding only.
 
 The pairs are found by tracing the module with ``torch.fx`` (convolutions and norms as leaves), so a
 conv -> norm pair is folded only where the norm's one input is that conv's output and nothing else reads

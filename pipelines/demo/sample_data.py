@@ -1,15 +1,15 @@
 """Small real sample datasets that need no network (used by `featx demo`, tests and benchmarks).
 
 Images: crops of the photos bundled with scikit-image, as JPEGs inside
-WebDataset tars (or as loose files), labelled by photo. Text: sentences of
-Python's own documentation (``pydoc_data.topics``), labelled by topic, as
-JSONL or Parquet shards.
+WebDataset tars labelled by photo, or in a Parquet table split for transfer
+learning. Text: sentences of Python's own documentation (``pydoc_data.topics``),
+labelled by topic, as JSONL or Parquet shards. Vectors: a generated table
+published as featx would publish it (search tests and benchmarks).
 """
 from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import tarfile
 from pathlib import Path
@@ -97,24 +97,6 @@ def write_image_tars(folder: str | Path, per_photo: int = 8, shards: int = 3, ph
                 _add(tar, f"{key}.cls", str(label).encode())
                 _add(tar, f"{key}.json", json.dumps({"photo": name}).encode())
     return {"path": str(folder), "records": len(samples), "shards": shards, "labels": list(photos)}
-
-
-def write_image_files(folder: str | Path, per_photo: int = 4, photos: tuple[str, ...] = PHOTOS, seed: int = 0,
-                      fmt: str = "jpg") -> dict[str, Any]:
-    """Loose image files ``PHOTO/III.jpg`` (or .png/.webp)."""
-    folder = Path(folder)
-    rng = np.random.default_rng(seed)
-    n = 0
-    for name in photos:
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        for i, jpg in enumerate(crops(name, per_photo, rng)):
-            path = folder / name / f"{i:03d}.{fmt}"
-            if fmt == "jpg":
-                path.write_bytes(jpg)
-            else:
-                Image.open(io.BytesIO(jpg)).save(path)
-            n += 1
-    return {"path": str(folder), "records": n, "shards": n}
 
 
 def sentences(text: str, min_words: int = 4) -> list[str]:
@@ -212,22 +194,6 @@ def write_transfer_images(folder: str | Path, train_per_class: int = 10, val_per
                 rows.append({"id": f"{name}-{split}-{i}", "image": jpg, "label": name, "split": split})
     pq.write_table(pa.Table.from_pylist(rows), folder / "part-00000.parquet")
     return {"path": str(folder), "records": len(rows), "classes": len(photos)}
-
-
-def write_image_parquet(folder: str | Path, per_photo: int = 4, shards: int = 2, photos: tuple[str, ...] = PHOTOS,
-                        seed: int = 0) -> dict[str, Any]:
-    """Parquet shards with an ``image`` bytes column and a ``label`` column."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    rows = [{"id": f"{name}-{i}", "image": jpg, "label": name}
-            for name in photos for i, jpg in enumerate(crops(name, per_photo, rng))]
-    for s in range(shards):
-        pq.write_table(pa.Table.from_pylist(rows[s::shards]), os.path.join(folder, f"part-{s:05d}.parquet"))
-    return {"path": str(folder), "records": len(rows), "shards": shards}
 
 
 def write_vector_table(output: str, vectors: np.ndarray, columns: dict[str, Any] | None = None,

@@ -20,7 +20,7 @@ import pyarrow as pa
 from operators import columns as C
 from operators.embed.embedder import EmbedActor
 from operators.errors import PipelineError, StorageError
-from operators.models.registry import ImagePreprocess, TextPreprocess
+from operators.models.specs import ImagePreprocess, TextPreprocess
 from operators.read.readers import ReadOptions, read_shard
 from operators.write.sink import SinkOptions, write_error_rows, write_piece
 from pipelines.embed.plan import PieceWork

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from operators.errors import ConfigError, InputError, PipelineError, StorageError
 from operators.io.parquet import read_parquet
 from operators.io.storage import Shard, join, list_shards, retries_done, short_hash, still_present
-from operators.models.registry import ModelSpec
+from operators.models.specs import ModelSpec
 from operators.read.formats import FORMATS
 from operators.write.sink import SinkOptions
 from pipelines import __version__

@@ -7,13 +7,14 @@ import json
 import math
 import time
 import warnings
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import pyarrow as pa
 
 from operators.embed.embedder import EmbedActor
 from operators.errors import PipelineError, StorageError
-from operators.models.registry import ImagePreprocess, ModelSpec, TextPreprocess
+from operators.models.specs import ImagePreprocess, ModelSpec, TextPreprocess
 from operators.read.loading import load_pieces
 from operators.write.sink import SinkOptions, carry_piece, write_piece
 from pipelines.config import EmbedConfig, read_options
@@ -39,105 +40,157 @@ def embed_actor_args(cfg: EmbedConfig, spec: ModelSpec, torch_threads: int) -> d
 
 
 def stream_pieces(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[PieceWork], sink: SinkOptions,
-            tracker: Tracker, t_start: float) -> None:
+                  tracker: Tracker, t_start: float) -> None:
     """The streaming pass: embed the new/changed shards of each piece; carry-over tasks run beside it."""
-    import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy, DataContext
+    start_ray(cfg, report, t_start)
+    carry = CarryOver(todo, sink, tracker, cfg.max_task_retries)
+    blocks = piece_blocks(todo, report.resources["max_actors"], isinstance(spec.preprocessing, ImagePreprocess))
+    with data_context(cfg):
+        try:
+            if blocks:
+                ds = embedding_dataset(cfg, spec, report.resources, blocks, sink)
+                carry.pump(block=False)
+                collect(ds, report, tracker, carry, t_start)
+                report.operators = operator_names(ds)
+            carry.pump(block=True)
+        except Exception as e:
+            cause = getattr(e, "cause", None) or e
+            kind = StorageError if isinstance(cause, StorageError) else PipelineError
+            raise kind(f"embedding run {report.run_id} failed; nothing new was published "
+                       f"(finished pieces are journalled and a rerun adopts them): {cause}") from e
 
+
+def start_ray(cfg: EmbedConfig, report: RunReport, t_start: float) -> None:
+    """Join (or start) the Ray cluster and record the resources the run may use (checked against the config)."""
     init_ray(cfg.ray_address, {k: 10_000.0 for k in {**cfg.preprocess_resources, **cfg.embed_resources}})
     report.startup["ray_ready"] = round(time.perf_counter() - t_start, 3)
     report.resources = check_resources(cfg)
-    carry_fn = ray.remote(num_cpus=0, max_retries=cfg.max_task_retries)(carry_piece)
-    carry_queue = [(w.piece.id, list(w.carry)) for w in todo if w.carry]
-    pending: dict[Any, str] = {}
 
-    def pump(block: bool) -> None:
-        while carry_queue and len(pending) < 4:  # a few at a time: each holds one old piece's rows
-            pid, sources = carry_queue.pop(0)
-            pending[carry_fn.remote(pid, sources, sink)] = pid
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
+
+class CarryOver:
+    """The carry-over tasks (the rows of a piece's unchanged shards copied into its new files), a few at a
+    time beside the stream: each holds one old piece's rows."""
+
+    MAX_PENDING = 4
+
+    def __init__(self, todo: list[PieceWork], sink: SinkOptions, tracker: Tracker, max_retries: int) -> None:
+        import ray
+
+        self.task = ray.remote(num_cpus=0, max_retries=max_retries)(carry_piece)
+        self.queue = [(w.piece.id, list(w.carry)) for w in todo if w.carry]
+        self.pending: dict[Any, str] = {}  # task ref -> piece id
+        self.sink = sink
+        self.tracker = tracker
+
+    def _submit(self) -> None:
+        while self.queue and len(self.pending) < self.MAX_PENDING:
+            pid, sources = self.queue.pop(0)
+            self.pending[self.task.remote(pid, sources, self.sink)] = pid
+
+    def pump(self, block: bool) -> None:
+        """Start queued tasks up to the limit and record the finished ones; ``block``: until none is left."""
+        import ray
+
+        self._submit()
+        while self.pending:
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=None if block else 0)
             if not ready:
                 return
-            pending.pop(ready[0])
-            tracker.add_carried(ray.get(ready[0]))
-            while carry_queue and len(pending) < 4:
-                pid, sources = carry_queue.pop(0)
-                pending[carry_fn.remote(pid, sources, sink)] = pid
+            self.pending.pop(ready[0])
+            self.tracker.add_carried(ray.get(ready[0]))
+            self._submit()
 
+
+def piece_blocks(todo: list[PieceWork], actors: int, images: bool) -> list[pa.Table]:
+    """The Ray Data input: one Arrow table per block, each row a piece (or a slice of one) to read and embed.
+
+    Big pieces are sliced (:func:`piece_slices`) and the items packed into blocks (:func:`block_groups`),
+    not split evenly by count, so that every actor has work from the start to the end.
+    """
     work = [w for w in todo if w.embed]
     sizes = [sum(s.size for s in w.embed) for w in work]
     items, item_sizes = [], []
-    for w, size, k in zip(work, sizes, piece_slices(sizes, report.resources["max_actors"])):
+    for w, size, k in zip(work, sizes, piece_slices(sizes, actors)):
         shards_json = json.dumps([s.to_dict() for s in w.embed])
         items += [{"piece": w.piece.id, "shards": shards_json, "slice": [i, k]} for i in range(k)]
         item_sizes += [size // k] * k
-    packing = block_groups(item_sizes, report.resources["max_actors"],
-                           IMAGE_BLOCK_BYTES if isinstance(spec.preprocessing, ImagePreprocess) else TEXT_BLOCK_BYTES)
+    packing = block_groups(item_sizes, actors, IMAGE_BLOCK_BYTES if images else TEXT_BLOCK_BYTES)
+    bounds = [0, *itertools.accumulate(packing)]
+    return [pa.Table.from_pylist(items[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+@contextmanager
+def data_context(cfg: EmbedConfig) -> Iterator[None]:
+    """Ray Data's settings for the run, restored afterwards."""
+    from ray.data import DataContext
+
     ctx = DataContext.get_current()
     saved_errored, saved_wait = ctx.max_errored_blocks, ctx.wait_for_min_actors_s
     ctx.max_errored_blocks = -1  # a block that fails after its retries comes back to isolation, not a crash
+    if cfg.min_actors > 1 and cfg.num_gpus:
+        # GPU actors: the start waits until they are all up, else the first one up would queue the first
+        # windows while the others load
+        ctx.wait_for_min_actors_s = MIN_ACTORS_WAIT_S
+    try:
+        yield
+    finally:
+        ctx.max_errored_blocks, ctx.wait_for_min_actors_s = saved_errored, saved_wait
+
+
+def embedding_dataset(cfg: EmbedConfig, spec: ModelSpec, resources: dict[str, Any], blocks: list[pa.Table],
+                      sink: SinkOptions) -> Any:
+    """The Ray Data pipeline: read + preprocess tasks -> the embedding actor pool -> write tasks."""
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
     # CPU actors take one block at a time (a block is a piece or more: seconds of work, so nothing is lost
     # between blocks): an actor that is up first cannot queue the blocks of one still loading, and reads
     # start at once, decoding while the models load. GPU actors get windows of rows, two in flight each
-    # (the next window's fetch overlaps the forward pass); there min_actors > 1 holds the start until
-    # they are all up, else the first one up would queue the first windows while the others load.
+    # (the next window's fetch overlaps the forward pass).
     in_flight = 1 if not cfg.num_gpus else None
-    if cfg.min_actors > 1 and cfg.num_gpus:
-        ctx.wait_for_min_actors_s = MIN_ACTORS_WAIT_S
-    try:
-        if items:
-            with warnings.catch_warnings():
-                # Ray 2.60 has no named parameter for retry counts yet; ray_remote_args still carry them
-                warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-                # one Arrow table per block: the packing above, not an even split by count
-                bounds = [0, *itertools.accumulate(packing)]
-                ds = ray.data.from_arrow([pa.Table.from_pylist(items[a:b]) for a, b in zip(bounds, bounds[1:])])
-                ds = ds.map_batches(
-                    load_pieces, fn_args=(read_options(cfg), read_preprocessing(cfg, spec)), batch_size=None,
-                    batch_format="pyarrow", num_cpus=cfg.preprocess_num_cpus,
-                    # declared memory per task; differing from the actors' it also keeps Ray Data from fusing
-                    # this CPU stage into the embedding actors, so the two stages scale apart
-                    memory=cfg.preprocess_memory_mb * (1 << 20), resources=cfg.preprocess_resources or None,
-                    max_retries=cfg.max_task_retries,  # a worker that dies on every try is not retried forever
-                )
-                ds = ds.map_batches(
-                    EmbedActor,
-                    fn_constructor_kwargs=embed_actor_args(cfg, spec, report.resources["torch_threads"]),
-                    # CPU: one call per block (a whole piece: length buckets span the piece). Ray Data insists on
-                    # a batch_size for GPU stages: there a call gets a window of 16 forward batches; a piece whose
-                    # rows land in several output blocks is written as several parts, journalled once all are in.
-                    batch_size=None if not cfg.num_gpus else cfg.batch_size * 16,
-                    batch_format="pyarrow", zero_copy_batch=True,
-                    compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=report.resources["max_actors"],
-                                              max_tasks_in_flight_per_actor=in_flight),
-                    num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None, resources=cfg.embed_resources or None,
-                    max_restarts=-1, max_task_retries=cfg.max_task_retries,  # dead actors are replaced
-                )
-                # writes are small I/O-bound tasks: they take no CPU slot (so reads and actors keep theirs),
-                # and a fixed-size task pool bounds how many run at once
-                ds = ds.map_batches(write_piece, fn_args=(sink,), batch_size=None, batch_format="pyarrow", num_cpus=0,
-                                    compute=ray.data.TaskPoolStrategy(size=max(2, report.resources["max_actors"])),
-                                    max_retries=cfg.max_task_retries)
-            pump(block=False)
-            # prefetch_batches=0: a written part reaches the journal at once, not when the next one is ready
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                if report.seconds_to_first_result is None:
-                    report.seconds_to_first_result = round(time.perf_counter() - t_start, 3)
-                    report.startup["first_result"] = report.seconds_to_first_result
-                for r in batch.to_pylist():
-                    tracker.add_embedded(r)
-                pump(block=False)
-            report.operators = operator_names(ds)
-        pump(block=True)
-    except Exception as e:
-        cause = getattr(e, "cause", None) or e
-        kind = StorageError if isinstance(cause, StorageError) else PipelineError
-        raise kind(f"embedding run {report.run_id} failed; nothing new was published "
-                   f"(finished pieces are journalled and a rerun adopts them): {cause}") from e
-    finally:
-        ctx.max_errored_blocks, ctx.wait_for_min_actors_s = saved_errored, saved_wait
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for retry counts yet; ray_remote_args still carry them
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        ds = ray.data.from_arrow(blocks)
+        ds = ds.map_batches(
+            load_pieces, fn_args=(read_options(cfg), read_preprocessing(cfg, spec)), batch_size=None,
+            batch_format="pyarrow", num_cpus=cfg.preprocess_num_cpus,
+            # declared memory per task; differing from the actors' it also keeps Ray Data from fusing
+            # this CPU stage into the embedding actors, so the two stages scale apart
+            memory=cfg.preprocess_memory_mb * (1 << 20), resources=cfg.preprocess_resources or None,
+            max_retries=cfg.max_task_retries,  # a worker that dies on every try is not retried forever
+        )
+        ds = ds.map_batches(
+            EmbedActor,
+            fn_constructor_kwargs=embed_actor_args(cfg, spec, resources["torch_threads"]),
+            # CPU: one call per block (a whole piece: length buckets span the piece). Ray Data insists on
+            # a batch_size for GPU stages: there a call gets a window of 16 forward batches; a piece whose
+            # rows land in several output blocks is written as several parts, journalled once all are in.
+            batch_size=None if not cfg.num_gpus else cfg.batch_size * 16,
+            batch_format="pyarrow", zero_copy_batch=True,
+            compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=resources["max_actors"],
+                                      max_tasks_in_flight_per_actor=in_flight),
+            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None, resources=cfg.embed_resources or None,
+            max_restarts=-1, max_task_retries=cfg.max_task_retries,  # dead actors are replaced
+        )
+        # writes are small I/O-bound tasks: they take no CPU slot (so reads and actors keep theirs),
+        # and a fixed-size task pool bounds how many run at once
+        return ds.map_batches(write_piece, fn_args=(sink,), batch_size=None, batch_format="pyarrow", num_cpus=0,
+                              compute=ray.data.TaskPoolStrategy(size=max(2, resources["max_actors"])),
+                              max_retries=cfg.max_task_retries)
+
+
+def collect(ds: Any, report: RunReport, tracker: Tracker, carry: CarryOver, t_start: float) -> None:
+    """Run the pipeline: each written part goes to the tracker (the journal) as it comes; carry-overs go on."""
+    # prefetch_batches=0: a written part reaches the journal at once, not when the next one is ready
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        if report.seconds_to_first_result is None:
+            report.seconds_to_first_result = round(time.perf_counter() - t_start, 3)
+            report.startup["first_result"] = report.seconds_to_first_result
+        for r in batch.to_pylist():
+            tracker.add_embedded(r)
+        carry.pump(block=False)
 
 
 def piece_slices(sizes: list[int], actors: int) -> list[int]:
@@ -153,12 +206,9 @@ def piece_slices(sizes: list[int], actors: int) -> list[int]:
     return [max(1, min(4 * actors, math.ceil(s / target))) for s in sizes]
 
 
-# text blocks: ~1,500 sentences of JSONL, the window that length buckets are cut in (1.3% padding on windows of
-# 1,430 real sentences). An actor's working set grows with its block (a 5,900-row block peaked ~300 MB above a
-# 500-row one: the allocator keeps the many batch shapes' buffers), so the window is kept this small.
+# text blocks: the window that length buckets are cut in. An actor's working set grows with its block (the
+# allocator keeps the many batch shapes' buffers), so the window is kept small (figures: benchmarks/README.md).
 TEXT_BLOCK_BYTES = 256 << 10
-
-
 IMAGE_BLOCK_BYTES = 256 << 10  # image pieces are scan-sized already; this only packs tiny refreshes
 
 

@@ -10,8 +10,14 @@ from collections import Counter
 from typing import Any, Iterable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from operators import columns as C
 from operators.errors import InputError
+from pipelines.config import FinetuneConfig, TrainConfig
+
+Y, VAL = "_y", "_val"  # internal columns of the training rows: class index, validation flag
 
 TRAIN_WORDS = {"train", "training"}
 VAL_WORDS = {"val", "valid", "validation", "dev", "test"}
@@ -66,3 +72,15 @@ def label_map(train_counts: Counter, val_counts: Counter, column: str) -> list[A
 def encode(values: Iterable[Any], labels: list[Any]) -> np.ndarray:
     index = {lab: i for i, lab in enumerate(labels)}
     return np.fromiter((index.get(v, -1) for v in values), dtype=np.int64)
+
+
+def split_flags(table: pa.Table, cfg: TrainConfig | FinetuneConfig) -> np.ndarray:
+    """True for the rows of the validation split: by ``split_column`` when set, else by key hash."""
+    if cfg.split_column:
+        return is_val_by_column(table[cfg.split_column].to_pylist(), cfg.split_column)
+    return is_val_by_hash(table[C.KEY].to_pylist(), cfg.val_fraction, cfg.seed)
+
+
+def keep_split(batch: pa.Table, val: bool) -> pa.Table:
+    """The rows of one split (by the VAL column), without that column."""
+    return batch.filter(batch[VAL] if val else pc.invert(batch[VAL])).drop_columns([VAL])

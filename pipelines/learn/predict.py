@@ -14,8 +14,10 @@ import pyarrow as pa
 
 from operators import columns as C
 from operators.errors import InputError
-from operators.learn.heads import features, load_head, predict_proba
+from operators.io.parquet import arrow_filesystem
 from operators.io.storage import join, short_hash, write_bytes
+from operators.learn.heads import features, load_head, predict_proba
+from operators.search.topk import vectors_from_arrow
 from pipelines.publish.manifest import load_manifest, published_files
 
 
@@ -23,12 +25,10 @@ def predict_block(batch: pa.Table, head_dir: str, output: str, storage_options: 
     """One block -> one Parquet file of predictions; returns its row count."""
     import pyarrow.parquet as pq
 
-    from pipelines.learn.train import embedding_matrix
-
     head, spec, _ = _cached_head(head_dir)
     if not batch.num_rows:
         return pa.table({"file": pa.array([], pa.string()), "rows": pa.array([], pa.int64())})
-    proba = predict_proba(head, features(embedding_matrix(batch[C.EMBEDDING], spec.dim), spec, train=False))
+    proba = predict_proba(head, features(vectors_from_arrow(batch[C.EMBEDDING], spec.dim), spec, train=False))
     best = proba.argmax(1)
     labels = pa.array([spec.labels[i] for i in best])
     out = pa.table({
@@ -73,9 +73,7 @@ def run_predict(head_dir: str, embeddings: str, output: str, storage_options: di
                          f"{embeddings!r} holds {manifest['model'].get('model')} ones; re-embed or retrain")
     files = published_files(manifest, embeddings)
     init_ray(ray_address)
-    from pipelines.learn.train import _arrow_fs
-
-    ds = ray.data.read_parquet(files, columns=[C.KEY, C.EMBEDDING], filesystem=_arrow_fs(files[0], so))
+    ds = ray.data.read_parquet(files, columns=[C.KEY, C.EMBEDDING], filesystem=arrow_filesystem(files[0], so))
     ds = ds.map_batches(predict_block, fn_args=(str(head_dir), output, so), batch_format="pyarrow", batch_size=None)
     written = ds.take_all()
     rows = sum(r["rows"] for r in written)

@@ -2,8 +2,8 @@
 
 Each trial is a light trial on the embeddings: the training and validation rows are read once, by a Ray
 task, into the object store (not through the driver), and every trial trains its head on them with the
-same steps as `featx train` (operators.learn.heads), reporting validation metrics each epoch and stopping early
-on its own. The grid's best trial (by the validation metric) and a table of all trials are saved, with
+same training engine as `featx train` (pipelines.learn.engine), reporting validation metrics each epoch and
+stopping early on its own. The grid's best trial (by the validation metric) and a table of all trials are saved, with
 the best config as a YAML that `featx train --config` takes as it is.
 """
 from __future__ import annotations
@@ -20,31 +20,28 @@ import yaml
 
 from operators import columns as C
 from operators.errors import PipelineError
-from operators.learn.heads import HeadSpec, build_head, eval_batch, features, train_step
-from operators.learn.metrics import scores
+from operators.learn.heads import HeadSpec, build_head, features
+from operators.search.topk import vectors_from_arrow
 from pipelines.config import TrainConfig, TuneConfig
-from pipelines.learn.train import Y, _keep, _open_table, _targets, better, embedding_matrix, prepare
+from pipelines.learn.engine import EpochSums, epoch_loop, head_epoch
+from pipelines.learn.labels import Y, keep_split
+from pipelines.learn.train import prepare, read_rows
 
 
 def load_arrays(files: list[str], spec: HeadSpec, cfg: TrainConfig) -> dict[str, np.ndarray]:
     """Ray task: the train/val features (before the scaler) and class indexes, as numpy arrays."""
-    cols = list(dict.fromkeys([C.KEY, C.EMBEDDING, cfg.label_column] + ([cfg.split_column] if cfg.split_column else [])))
-    parts: dict[bool, list[pa.Table]] = {False: [], True: []}
-    for uri in files:
-        t = _targets(_open_table(uri, cols, cfg.storage_options), spec.labels, cfg)
-        for val in (False, True):
-            parts[val].append(_keep(t, val))
+    rows = [read_rows(uri, spec, cfg) for uri in files]
     out = {}
     for val, name in ((False, "train"), (True, "val")):
-        t = pa.concat_tables(parts[val])
-        out[f"x_{name}"] = embedding_matrix(t[C.EMBEDDING], spec.dim)
+        t = pa.concat_tables([keep_split(r, val) for r in rows])
+        out[f"x_{name}"] = vectors_from_arrow(t[C.EMBEDDING], spec.dim)
         out[f"y_{name}"] = t[Y].to_numpy()
     return out
 
 
 def trial(config: dict[str, Any], data_ref: list[Any], base: TrainConfig, base_spec: HeadSpec,
           class_weights: list[float] | None) -> None:
-    """One grid point: train a head on the arrays in the object store, report every epoch."""
+    """One grid point: a head on the arrays in the object store; the epochs (and the reports) are the engine's."""
     import ray
     import torch
     from ray import tune
@@ -58,30 +55,16 @@ def trial(config: dict[str, Any], data_ref: list[Any], base: TrainConfig, base_s
     head = build_head(spec)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     weights = torch.tensor(class_weights) if class_weights and cfg.class_weighting == "balanced" else None
-    xt = features(data["x_train"], spec, train=True)
-    yt = torch.from_numpy(data["y_train"])
-    xv = features(data["x_val"], spec, train=False)
-    yv = torch.from_numpy(data["y_val"])
+    xt, yt = features(data["x_train"], spec, train=True), torch.from_numpy(data["y_train"])
+    val = [(features(data["x_val"], spec, train=False), torch.from_numpy(data["y_val"]))]
     rng = np.random.default_rng(cfg.seed)
-    best, stale = None, 0
-    for epoch in range(cfg.epochs):
-        t0 = time.perf_counter()
-        order = rng.permutation(len(yt))
-        loss = 0.0
-        for s in range(0, len(order), cfg.batch_size):
-            idx = torch.from_numpy(order[s:s + cfg.batch_size])
-            loss += train_step(head, opt, xt[idx], yt[idx], weights)
-        cm, vloss = eval_batch(head, xv, yv, spec.n_classes)
-        m = {"epoch": epoch + 1, "train_loss": loss / len(yt), "val_loss": vloss / len(yv),
-             **{f"val_{k}": v for k, v in scores(cm).items()}, "seconds": time.perf_counter() - t0}
-        value = m["val_loss"] if cfg.metric == "loss" else m[f"val_{cfg.metric}"]
-        if better(cfg.metric, value, best):
-            best, stale = value, 0
-        else:
-            stale += 1
-        tune.report({**m, "best": best})
-        if stale >= cfg.patience:
-            break
+
+    def one_epoch(epoch: int) -> EpochSums:
+        order = torch.from_numpy(rng.permutation(len(yt)))
+        batches = (order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size))
+        return head_epoch(head, opt, weights, spec.n_classes, ((xt[i], yt[i]) for i in batches), val)
+
+    epoch_loop(cfg, one_epoch, tune.report)
 
 
 def run_tune(cfg: TuneConfig, output: str, progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -101,7 +84,8 @@ def run_tune(cfg: TuneConfig, output: str, progress: Callable[[str], None] = pri
     out.mkdir(parents=True, exist_ok=True)
     mode = "min" if base.metric == "loss" else "max"
     trainable = tune.with_resources(
-        tune.with_parameters(trial, data_ref=[data_ref], base=base, base_spec=spec, class_weights=info["class_weights"]),
+        tune.with_parameters(trial, data_ref=[data_ref], base=base, base_spec=spec,
+                             class_weights=info["class_weights"]),
         {"cpu": cfg.cpus_per_trial},
     )
     tuner = tune.Tuner(

@@ -8,7 +8,7 @@ so a copy at another path matches, and changed weights do not.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -16,13 +16,13 @@ import pyarrow as pa
 from operators import columns as C
 from operators.embed.embedder import embed_table
 from operators.errors import InputError
-from operators.preprocess.transforms import preprocess_images, preprocess_text
-from operators.models.registry import ImagePreprocess, ModelSpec, load
-from operators.search.topk import vectors_from_arrow
 from operators.io.storage import read_bytes
-
-if TYPE_CHECKING:
-    from pipelines.read.table import FeatxTable
+from operators.models.registry import load
+from operators.models.specs import ImagePreprocess, ModelSpec
+from operators.preprocess.transforms import preprocess_images, preprocess_text
+from operators.search.topk import vectors_from_arrow
+from pipelines.config import config_from_output, model_spec
+from pipelines.read.snapshot import Snapshot
 
 
 def check_same_model(spec: ModelSpec, recorded: dict[str, Any], where: str) -> None:
@@ -50,10 +50,8 @@ class QueryEncoder:
         self.backbone = load(spec, "cpu", for_inference=True)
 
     @classmethod
-    def for_table(cls, table: "FeatxTable", model: str | None = None, weights: str | None = None) -> "QueryEncoder":
-        from pipelines.config import config_from_output
-        from pipelines.config import model_spec
-
+    def for_table(cls, table: Snapshot, model: str | None = None, weights: str | None = None) -> "QueryEncoder":
+        """The encoder for a table's snapshot: the model its run saved (or ``model`` / ``weights``), checked."""
         cfg = config_from_output(table.output, {"model": model, "weights": weights,
                                                 "storage_options": table.storage_options or None})
         spec = model_spec(cfg)

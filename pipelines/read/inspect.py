@@ -16,6 +16,7 @@ from operators.errors import InputError
 from operators.search.topk import vectors_from_arrow
 from operators.io.storage import join, list_files
 from pipelines.publish.manifest import SNAPSHOTS
+from pipelines.read.table import FeatxTable
 from pipelines.read.table import open as open_table
 
 
@@ -77,10 +78,11 @@ def check_files(output: str, manifest: dict[str, Any], storage_options: dict[str
             "problems": problems[:20]}
 
 
-def _footer_metadata(table: Any) -> dict[str, Any] | None:
+def _footer_metadata(table: FeatxTable) -> dict[str, Any] | None:
+    """The ``featx`` key-value metadata of the data files (the first file's footer)."""
     if not table.files:
         return None
-    meta = table._file(table.files[0]).schema_arrow.metadata or {}
+    meta = table.schema.metadata or {}
     return json.loads(meta[b"featx"]) if b"featx" in meta else None
 
 
@@ -93,7 +95,7 @@ def _spread(a: Any) -> dict[str, float]:
             "p99": float(q[2]), "max": float(a.max()), "std": float(a.std())}
 
 
-def _scan(table: Any, color: str | None, sample: int) -> tuple[np.ndarray, np.ndarray, list[Any], int, int]:
+def _scan(table: FeatxTable, color: str | None, sample: int) -> tuple[np.ndarray, np.ndarray, list[Any], int, int]:
     """Norms of every vector (N floats), and an even sample of vectors (+ colour values) for the map."""
     stride = max(1, table.rows // max(1, sample))
     cols = [C.EMBEDDING] + ([color] if color else [])
@@ -115,7 +117,7 @@ def _scan(table: Any, color: str | None, sample: int) -> tuple[np.ndarray, np.nd
             labels, nulls, counted)
 
 
-def _duplicates(table: Any) -> dict[str, Any]:
+def _duplicates(table: FeatxTable) -> dict[str, Any]:
     con = table.duckdb()
     rel = con.sql("SELECT key, count(*) AS n FROM raw_embeddings GROUP BY key HAVING count(*) > 1 ORDER BY n DESC, key")
     dups = rel.fetchall()
@@ -131,7 +133,7 @@ def pca_2d(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x @ vt[:2].T, ratio
 
 
-def _plot(pts: np.ndarray, labels: list[Any], color: str | None, path: str, table: Any) -> dict[str, Any]:
+def _plot(pts: np.ndarray, labels: list[Any], color: str | None, path: str, table: FeatxTable) -> dict[str, Any]:
     import matplotlib
 
     matplotlib.use("Agg")

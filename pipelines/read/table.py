@@ -12,18 +12,22 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from operators import columns as C
 from operators.errors import InputError
-from operators.search.topk import ROW, TopK, query_matrix, row_norms, scores, vectors_from_arrow
+from operators.io.parquet import arrow_filesystem, open_parquet_file
 from operators.io.storage import get_fs, is_local, retry
+from operators.search.topk import ROW, TopK, query_matrix, row_norms, scores, vectors_from_arrow
 from pipelines.publish.manifest import load_manifest, load_snapshot, published_files
+from pipelines.read.stored_index import find_index
+
+if TYPE_CHECKING:
+    from pipelines.read.encoder import QueryEncoder
 
 CHUNK_ROWS = 8192  # rows decoded and scored at a time: 8,192 x 384 float32 = 12 MiB
 CACHE_BLOCK_ROWS = 131072  # cached vectors are scored in blocks this large (fewer, bigger matrix products)
@@ -88,7 +92,11 @@ def read_bytes_head(uri: str, storage_options: dict[str, Any]) -> bytes | None:
 
 
 class FeatxTable:
-    """A handle on one published snapshot. Cheap to create; reads happen in the methods."""
+    """A handle on one published snapshot. Cheap to create; reads happen in the methods.
+
+    Its attributes are the public surface that the index lookup and the query encoder read
+    (:class:`pipelines.read.snapshot.Snapshot`).
+    """
 
     def __init__(self, output: str, manifest: dict[str, Any], storage_options: dict[str, Any], latest: int) -> None:
         self.output = output
@@ -100,10 +108,10 @@ class FeatxTable:
         self.rows: int = int(manifest["rows"])
         self.model: dict[str, Any] = manifest.get("model") or {}
         self.files: list[str] = published_files(manifest, output)
-        self._encoder: Any = None
+        self._encoder: QueryEncoder | None = None
         self.cache_mb: float = 0.0  # > 0: keep the vectors in memory after the first search if they fit
         self._cache: list[tuple[np.ndarray, pa.Table, np.ndarray]] | None = None
-        self._indexes: dict[Any, Any] = {}  # FAISS indexes loaded by pipelines.read.index
+        self.indexes: dict[Any, Any] = {}  # FAISS indexes loaded for this handle (pipelines.read.stored_index)
 
     def __repr__(self) -> str:
         return (f"FeatxTable({self.output!r}, snapshot={self.snapshot}, rows={self.rows}, dim={self.dim}, "
@@ -111,21 +119,12 @@ class FeatxTable:
 
     # ---- reading -----------------------------------------------------------------------------------
 
-    def _file(self, uri: str) -> pq.ParquetFile:
-        fs, path = get_fs(uri, self.storage_options)
-        # buffered page-by-page reads, not whole column chunks: a 64k-row group of 384-d vectors would
-        # otherwise cost ~5x its size in decode buffers (measured: 110 MB instead of 580 MB peak per file)
-        opts = {"pre_buffer": False, "buffer_size": 1 << 20}
-        if is_local(fs):  # Arrow's own file reader: faster than through a Python file object
-            return retry(lambda: pq.ParquetFile(path, **opts), f"opening {uri!r}")
-        return retry(lambda: pq.ParquetFile(fs.open(path, "rb"), **opts), f"opening {uri!r}")
-
     @cached_property
     def schema(self) -> pa.Schema:
         """The data files' Arrow schema (the first file's footer, read once per handle)."""
         if not self.files:
             return pa.schema([pa.field(C.KEY, pa.string()), pa.field(C.SOURCE, pa.string())])
-        return self._file(self.files[0]).schema_arrow
+        return open_parquet_file(self.files[0], self.storage_options).schema_arrow
 
     @property
     def columns(self) -> list[str]:
@@ -143,7 +142,7 @@ class FeatxTable:
     def _chunks(self, columns: list[str] | None, batch_rows: int, with_row_numbers: bool) -> Iterator[pa.Table]:
         start = 0
         for uri in self.files:
-            f = self._file(uri)
+            f = open_parquet_file(uri, self.storage_options)
             for batch in f.iter_batches(batch_size=batch_rows, columns=columns):
                 t = pa.Table.from_batches([batch])
                 if with_row_numbers:
@@ -181,13 +180,9 @@ class FeatxTable:
         """A lazy pyarrow dataset over exactly the published files (projection pushdown, streaming scans)."""
         import pyarrow.dataset as pads
 
-        fs, _ = get_fs(self.output, self.storage_options)
         paths = [get_fs(f, self.storage_options)[1] for f in self.files]
-        if is_local(fs):
-            return pads.dataset(paths, format="parquet", schema=self.schema)
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        return pads.dataset(paths, format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs)), schema=self.schema)
+        return pads.dataset(paths, format="parquet", filesystem=arrow_filesystem(self.output, self.storage_options),
+                            schema=self.schema)
 
     def duckdb(self) -> Any:
         """A DuckDB connection with an ``embeddings`` view whose ``embedding`` column is already ``FLOAT[dim]``.
@@ -243,8 +238,6 @@ class FeatxTable:
         """A batch of query vectors (Q x dim) in one pass over the table: one :class:`Hits` per query."""
         t0 = time.perf_counter()
         q = query_matrix(queries, self.dim, metric)
-        from pipelines.read.index import find_index
-
         index, note = find_index(self, metric, where is not None, use_index)
         if index is not None:
             tables, scanned = index.search(self, q, k)
@@ -307,7 +300,7 @@ class FeatxTable:
     def use_encoder(self, model: str | None = None, weights: str | None = None) -> None:
         """Embed queries with this model name / weights path (where the saved ones do not resolve on this
         machine); refused unless they fingerprint the same as the table's."""
-        from pipelines.read.encoder import QueryEncoder
+        from pipelines.read.encoder import QueryEncoder  # the model machinery (torch) only when a query needs it
 
         self._encoder = QueryEncoder.for_table(self, model=model, weights=weights)
 
@@ -315,6 +308,7 @@ class FeatxTable:
         """Embed a query exactly as the table's rows were: same model, weights, preprocessing."""
         if self._encoder is None:
             self.use_encoder()
+        assert self._encoder is not None
         return self._encoder.embed(text=text, image=image)
 
 

@@ -1,6 +1,8 @@
-"""Integration test helpers: expected embeddings (the pure inner loop, no Ray) and child processes with their own cluster."""
+"""Integration test helpers: input files of the sample photos, expected embeddings (the pure inner loop, no Ray) and
+child processes with their own cluster."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -9,8 +11,43 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
 
 from operators import columns as C
+from pipelines.demo.sample_data import PHOTOS, crops
+
+
+def write_image_files(folder: str | Path, per_photo: int = 4, photos: tuple[str, ...] = PHOTOS, seed: int = 0,
+                      fmt: str = "jpg") -> dict[str, Any]:
+    """Loose image files ``PHOTO/III.jpg`` (or .png/.webp)."""
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    n = 0
+    for name in photos:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i, jpg in enumerate(crops(name, per_photo, rng)):
+            path = folder / name / f"{i:03d}.{fmt}"
+            if fmt == "jpg":
+                path.write_bytes(jpg)
+            else:
+                Image.open(io.BytesIO(jpg)).save(path)
+            n += 1
+    return {"path": str(folder), "records": n, "shards": n}
+
+
+def write_image_parquet(folder: str | Path, per_photo: int = 4, shards: int = 2, photos: tuple[str, ...] = PHOTOS,
+                        seed: int = 0) -> dict[str, Any]:
+    """Parquet shards with an ``image`` bytes column and a ``label`` column."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = [{"id": f"{name}-{i}", "image": jpg, "label": name}
+            for name in photos for i, jpg in enumerate(crops(name, per_photo, rng))]
+    for s in range(shards):
+        pq.write_table(pa.Table.from_pylist(rows[s::shards]), folder / f"part-{s:05d}.parquet")
+    return {"path": str(folder), "records": len(rows), "shards": shards}
 
 
 def reference_embeddings(inp: Path, model: str, key_column: str = "id") -> dict[str, np.ndarray]:

@@ -15,7 +15,8 @@ from pipelines.config import build_config
 from pipelines.embed.job import run_embed
 from pipelines.publish.manifest import load_manifest
 from pipelines.read.table import read_table
-from pipelines.demo.sample_data import write_image_files, write_image_tars
+from pipelines.demo.sample_data import write_image_tars
+from tests.integration.helpers import write_image_files
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

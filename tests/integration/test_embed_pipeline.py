@@ -15,7 +15,8 @@ from pipelines.config import build_config
 from pipelines.embed.job import run_embed
 from pipelines.publish.manifest import load_manifest
 from pipelines.read.table import duckdb_connection, read_table
-from pipelines.demo.sample_data import write_image_files, write_image_parquet, write_image_tars, write_text_shards
+from pipelines.demo.sample_data import write_image_tars, write_text_shards
+from tests.integration.helpers import write_image_files, write_image_parquet
 from tests.conftest import upload
 
 pytestmark = pytest.mark.usefixtures("ray_local")

@@ -99,7 +99,7 @@ def test_cli_query_and_index_on_s3(s3_table: tuple[str, list[dict[str, Any]]]) -
 
 
 def test_image_query_finds_the_same_image(tmp_path: Path, tiny_resnet_weights: str) -> None:
-    from pipelines.demo.sample_data import write_image_files
+    from tests.integration.helpers import write_image_files
 
     write_image_files(tmp_path / "in", per_photo=2, photos=("chelsea", "coffee", "brick"))
     out = str(tmp_path / "out")

@@ -1,9 +1,10 @@
 """`featx submit` / `featx jobs` against a real Ray head with token auth, started by the test from the venv.
 
-One head for the module (`ray start --head --block` in its own session, every port free and on
-loopback, its own temp dir; stopped by signalling its process group, so other Ray instances on the
-machine are left alone). The head gets S3 credentials from its environment, as a cluster gets them from
-an instance role or a Kubernetes Secret: the secret key is the canary that must not show up anywhere.
+One head for the session, shared with test_cli_commands.py (`ray start --head --block` in its own
+session, every port free and on loopback, its own temp dir; stopped by signalling its process group, so
+other Ray instances on the machine are left alone). The head gets S3 credentials from its environment,
+as a cluster gets them from an instance role or a Kubernetes Secret: the secret key is the canary that
+must not show up anywhere.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -51,8 +53,26 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory, s3_server: dict[str, Any]) -> Iterator[dict[str, Any]]:
+_HEAD: dict[str, Any] = {}  # the session's one head, shared with tests/integration/test_cli_commands.py
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3_server: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The session's Ray head. A module that imports this fixture gets its own copy of it from pytest, so the
+    head itself is kept here: the first copy starts it and stops it at the end of the session."""
+    if _HEAD:
+        yield _HEAD
+        return
+    with _running_head() as head:
+        _HEAD.update(head)
+        try:
+            yield head
+        finally:
+            _HEAD.clear()
+
+
+@contextmanager
+def _running_head() -> Iterator[dict[str, Any]]:
     tmp = Path(f"/tmp/fxs-{secrets.token_hex(3)}")  # short: Ray's socket paths must stay under 107 bytes
     tmp.mkdir()
     token = secrets.token_hex(24)

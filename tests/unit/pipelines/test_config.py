@@ -105,3 +105,131 @@ def test_secrets_are_redacted_in_the_saved_config() -> None:
                                                   "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}})
     text = dump_config(cfg) + repr(cfg.public_dict())
     assert "CANARY" not in text and "127.0.0.1:9" in text
+
+
+# -- one base for every job config ------------------------------------------------------------------------------
+
+def test_every_job_config_shares_the_base_and_dumps_redacted() -> None:
+    """public_dict / dump on every job (tune once had none), nested storage_options redacted too."""
+    from pipelines.config import JOBS, JobConfig, TuneConfig
+
+    for cls in set(JOBS.values()):
+        assert issubclass(cls, JobConfig)
+    secret = {"key": "AKIA-CANARY", "secret": "CANARY-SECRET", "anon": False}
+    tune = build_config(CONFIG_DIR / "tune-head.yaml", {"train.storage_options": secret}, cls=TuneConfig)
+    assert tune.train.epochs == 40 and tune.train.storage_options["secret"] == "CANARY-SECRET"
+    text = tune.dump() + repr(tune.public_dict())
+    assert "CANARY" not in text and '"anon": false' in text
+    assert tune.public_dict()["grid"] == {"lr": [0.001, 0.01], "hidden": [64, 256]}
+
+
+def test_shared_field_groups_are_declared_once() -> None:
+    """A key that several jobs share comes from one field group, with one default and one description."""
+    from pipelines.config import (BackboneFields, ComputeFields, EmbedConfig, FinetuneConfig, HeadFields, InputFields,
+                                  RayFields, StorageFields, TrainConfig, TrainerFields)
+
+    groups = {StorageFields: (EmbedConfig, TrainConfig, FinetuneConfig), InputFields: (EmbedConfig, FinetuneConfig),
+              BackboneFields: (EmbedConfig, FinetuneConfig), ComputeFields: (EmbedConfig, FinetuneConfig),
+              RayFields: (EmbedConfig, TrainConfig, FinetuneConfig), HeadFields: (TrainConfig, FinetuneConfig),
+              TrainerFields: (TrainConfig, FinetuneConfig)}
+    for group, jobs in groups.items():
+        for job in jobs:
+            assert issubclass(job, group)
+            for name, field in group.model_fields.items():
+                assert repr(job.model_fields[name]) == repr(field), (job.__name__, name)
+    # the keys whose defaults differ between jobs stay each job's own
+    assert (EmbedConfig.model_fields["model"].default, FinetuneConfig.model_fields["model"].default) == (
+        "minilm-l6", "efficientnet-lite0")
+    assert [c.model_fields["batch_size"].default for c in (EmbedConfig, TrainConfig, FinetuneConfig)] == [64, 256, 32]
+    assert (TrainConfig.model_fields["patience"].default, FinetuneConfig.model_fields["patience"].default) == (8, 3)
+
+
+def test_the_keys_of_every_job_are_kept() -> None:
+    """YAMLs written for earlier featx versions still load: no key was renamed or dropped."""
+    from pipelines.config import FinetuneConfig, TrainConfig, TuneConfig
+
+    keys = {
+        EmbedConfig: "input format text_column image_column key_column passthrough storage_options output "
+                     "embedding_dtype max_error_fraction piece_max_shards piece_target_mb shard_fingerprint "
+                     "keep_snapshots lease_ttl_s "
+                     "max_task_retries journal_interval_s max_record_attempts model weights revision pooling normalize "
+                     "max_length trust_remote_code batch_size batch_autotune max_batch_size torch_compile num_gpus "
+                     "num_cpus min_actors max_actors precision image_decode preprocess_num_cpus preprocess_memory_mb "
+                     "torch_threads cpu_streams embed_resources preprocess_resources ray_address",
+        TrainConfig: "embeddings label_column output head hidden dropout standardize epochs batch_size lr weight_decay "
+                     "class_weighting val_fraction split_column metric patience adapt_to coral_eps num_workers "
+                     "cpus_per_worker use_gpu seed storage_options ray_address",
+        FinetuneConfig: "input format label_column text_column image_column key_column storage_options output model "
+                        "weights pooling max_length image_size trust_remote_code head hidden dropout epochs batch_size "
+                        "lr_head lr_backbone weight_decay trainable_groups unfreeze class_weighting val_fraction "
+                        "split_column metric patience precision num_workers cpus_per_worker use_gpu torch_threads "
+                        "seed ray_address",
+        TuneConfig: "train grid cpus_per_trial max_concurrent_trials",
+    }
+    for cls, names in keys.items():
+        assert set(cls.model_fields) == set(names.split()), cls.__name__
+
+
+def test_a_saved_config_loads_back_without_its_secrets(tmp_path: Path) -> None:
+    from pipelines.config import SAVED_CONFIG, config_from_output
+
+    cfg = build_config(None, {"input": str(tmp_path / "in"), "output": str(tmp_path), "format": "jsonl",
+                              "storage_options": {"secret": "CANARY", "anon": True}, "batch_size": 7})
+    (tmp_path / SAVED_CONFIG).write_text(cfg.dump())
+    again = config_from_output(str(tmp_path), {"max_actors": 2})
+    assert again.batch_size == 7 and again.max_actors == 2 and again.storage_options == {"anon": True}
+    assert EmbedConfig.from_saved(str(tmp_path)).input == str(tmp_path / "in")
+    with pytest.raises(Exception, match="no saved config"):
+        EmbedConfig.from_saved(str(tmp_path / "elsewhere"))
+
+
+def test_dotted_set_keys_reach_inside_and_nested_unknown_keys_name_their_own_fields() -> None:
+    from pipelines.config import TuneConfig
+
+    base = {"train": {"embeddings": "/e", "output": "/o"}, "grid": {"lr": [0.1]}}
+    cfg = build_config(None, {**base, **parse_set(["train.epochs=3", "grid.hidden=[8, 16]"])}, cls=TuneConfig)
+    assert cfg.train.epochs == 3 and cfg.train.embeddings == "/e" and cfg.grid == {"lr": [0.1], "hidden": [8, 16]}
+    with pytest.raises(ConfigError) as e:
+        build_config(None, {**base, "train.epoch": 3}, cls=TuneConfig)
+    assert "train.epoch: unknown key" in str(e.value) and "coral_eps" in str(e.value)
+    with pytest.raises(ConfigError, match="not a mapping"):
+        build_config(None, {"input": "x", "output": "y", "format": "jsonl", "model": "m", "model.name": "z"})
+
+
+def test_local_paths_become_absolute_uris_stay() -> None:
+    """Ray's workers do not run in the driver's folder: a relative path means 'from where featx started'."""
+    import os
+
+    from pipelines.config import TrainConfig
+
+    cfg = build_config(None, {"input": "data/in", "output": "s3://bucket/out", "format": "jsonl"})
+    assert cfg.input == os.path.join(os.getcwd(), "data/in") and cfg.output == "s3://bucket/out"
+    train = build_config(None, {"embeddings": "emb", "output": "file:///x", "adapt_to": "t"}, cls=TrainConfig)
+    assert os.path.isabs(train.embeddings) and os.path.isabs(train.adapt_to or "") and train.output == "file:///x"
+
+
+# -- the "auto" rules -------------------------------------------------------------------------------------------
+
+def test_resolve_auto_names_every_value_it_decided() -> None:
+    from pipelines.config import resolve_auto
+
+    base = {"input": "x", "output": "y", "format": "jsonl"}
+    laptop = resolve_auto(build_config(None, base), cluster_cpus=2, cluster_gpus=0, local=True)
+    picked = {k: laptop[k] for k in ("max_actors", "torch_threads", "cpu_streams", "batch_autotune", "max_batch_size")}
+    assert picked == {"max_actors": 1, "torch_threads": 2, "cpu_streams": 2, "batch_autotune": False,
+                      "max_batch_size": 512}
+    assert set(laptop["auto"]) == {"torch_threads", "cpu_streams", "batch_autotune", "max_batch_size"}
+
+    capped = resolve_auto(build_config(None, {**base, "max_actors": 4, "num_cpus": 0.5}), 2, 0, local=True)
+    assert capped["max_actors"] == 2 and "max_actors" in capped["auto"] and capped["torch_threads"] == 1
+
+    gpus = build_config(None, {**base, "num_gpus": 0.5, "max_actors": 8, "num_cpus": 2, "cpu_streams": 3})
+    cluster = resolve_auto(gpus, cluster_cpus=4, cluster_gpus=1, local=False)
+    assert [cluster[k] for k in ("max_actors", "torch_threads", "cpu_streams", "batch_autotune")] == [8, 2, 1, True]
+    assert "cpu_streams" in cluster["auto"]  # set, but GPU actors run one: the rule says why
+    local_gpu = resolve_auto(gpus, cluster_cpus=16, cluster_gpus=1, local=True)
+    assert local_gpu["max_actors"] == 2  # two actors share the one GPU
+
+    fixed = build_config(None, {**base, "torch_threads": 3, "cpu_streams": 1, "batch_autotune": True,
+                                "max_batch_size": 64})
+    assert resolve_auto(fixed, 2, 0, local=True)["auto"] == {}  # nothing left to a rule

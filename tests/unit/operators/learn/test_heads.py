@@ -71,3 +71,17 @@ def test_features_apply_adaptation_only_in_training() -> None:
     x = np.array([[3.0, 5.0]], np.float32)
     assert features(x, spec, train=False).tolist() == [[1.0, 2.0]]
     assert features(x, spec, train=True).tolist() == [[1.5, 2.5]]
+
+
+def test_moments_merge_like_one_stream_and_give_the_scaler_its_variance() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 5)) * 3 + 1
+    a = Moments.empty(5).add(x[:200])
+    b = Moments.empty(5).add(x[200:])
+    whole = Moments.empty(5).add(x)
+    merged = a.merge(b)
+    assert merged.n == 500 and np.allclose(merged.ss, whole.ss) and np.allclose(merged.sq, whole.sq)
+    mean, var = merged.mean_var()
+    assert np.allclose(mean, x.mean(0)) and np.allclose(var, x.var(0))
+    diag_only = Moments.empty(5, full=False).add(x)
+    assert diag_only.ss is None and np.allclose(diag_only.mean_var()[1], x.var(0))

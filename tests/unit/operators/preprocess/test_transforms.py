@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from operators import columns as C
+from operators.models.registry import resolve
+from operators.models.specs import ImagePreprocess
 from operators.preprocess.transforms import decode_image, preprocess_images, preprocess_text
-from operators.models.registry import ImagePreprocess, resolve
 from pipelines.demo.sample_data import crops, photo
 
 PRE = ImagePreprocess(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -70,7 +71,7 @@ def test_text_is_tokenized_unpadded_and_empty_text_is_an_error() -> None:
 
 def test_text_without_tokenizer_folder_fails_clearly(tmp_path) -> None:
     from operators.errors import ModelLoadError
-    from operators.models.registry import TextPreprocess
+    from operators.models.specs import TextPreprocess
 
     with pytest.raises(ModelLoadError, match="tokenizer"):
         preprocess_text(_records(["x"], pa.string()), TextPreprocess(tokenizer=str(tmp_path / "nothing"), max_length=8))
@@ -108,34 +109,21 @@ def test_crop_box_resize_matches_resizing_the_whole_image_then_cropping(size: tu
     assert diff.max() <= 2 and (diff > 0).mean() < 5e-3, (diff.max(), (diff > 0).mean())
 
 
-def test_torch_decode_matches_pillow_within_a_few_grey_levels() -> None:
-    from operators.preprocess.transforms import decode_images_torch
-
-    jpgs = crops("coffee", 2, np.random.default_rng(1), size=320)
-    out, errors = decode_images_torch(jpgs + [b"", b"junk"], PRE, device="cpu")
-    assert tuple(out.shape) == (4, 224, 224, 3) and str(out.dtype) == "torch.uint8"
-    assert errors[:2] == [None, None] and errors[2] and errors[3]
-    for i, j in enumerate(jpgs):
-        diff = np.abs(out[i].numpy().astype(int) - decode_image(j, PRE).astype(int))
-        assert diff.mean() < 4, diff.mean()
-
-
 def test_read_tasks_tokenize_without_transformers_and_get_the_same_ids(tmp_path) -> None:
     """The tokenizers fast path (no transformers/torch import in read workers) == AutoTokenizer, id for id."""
     import shutil
     import subprocess
     import sys
 
-    from operators.models.backbones import load_tokenizer
-    from operators.preprocess.transforms import TokenEncoder
-    from operators.models.registry import TextPreprocess
+    from operators.models.specs import TextPreprocess
+    from operators.preprocess.transforms import TokenEncoder, auto_tokenizer
     from pipelines.demo.sample_data import topic_sentences
 
     pre = resolve("minilm-l6").preprocessing
     texts = [s for _, s in topic_sentences(max_per_topic=5)] + ["word " * 1000, "Ünïcödé  and\ttabs", "x"]
     fast = TokenEncoder(pre)
     assert fast.kind == "tokenizers"
-    auto = load_tokenizer(pre)
+    auto = auto_tokenizer(pre)
     for max_length in (pre.max_length, 16):
         p = TextPreprocess(tokenizer=pre.tokenizer, max_length=max_length)
         want = auto(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]

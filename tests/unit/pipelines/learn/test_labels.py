@@ -36,3 +36,20 @@ def test_label_map_refuses_what_cannot_be_trained() -> None:
     with pytest.raises(InputError, match="validation split is empty"):
         label_map(Counter({"a": 5, "b": 1}), Counter(), "y")
     assert encode(["b", "a", "z"], ["a", "b"]).tolist() == [1, 0, -1]
+
+
+def test_split_flags_by_column_or_hash_and_keep_split() -> None:
+    import pyarrow as pa
+
+    from pipelines.config import TrainConfig
+    from pipelines.learn.labels import VAL, keep_split, split_flags
+
+    keys = [f"k{i}" for i in range(200)]
+    t = pa.table({"key": keys, "split": ["val" if i % 4 == 0 else "train" for i in range(200)], "x": range(200)})
+    by_col = TrainConfig(embeddings="e", output="o", split_column="split")
+    by_hash = TrainConfig(embeddings="e", output="o", val_fraction=0.3, seed=2)
+    assert split_flags(t, by_col).tolist() == [i % 4 == 0 for i in range(200)]
+    assert (split_flags(t, by_hash) == is_val_by_hash(keys, 0.3, seed=2)).all()
+    flagged = t.append_column(VAL, pa.array(split_flags(t, by_col)))
+    assert keep_split(flagged, True)["x"].to_pylist() == list(range(0, 200, 4))
+    assert keep_split(flagged, False).num_rows == 150 and VAL not in keep_split(flagged, False).column_names

@@ -1,0 +1,111 @@
+"""What every `featx` command shares: the one path from YAML + flags + ``--set`` to a printed, validated job
+config; featx errors as one clear message and an exit code; messages on stderr, results on stdout."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator, NoReturn, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from operators.errors import FeatxError, PipelineError, StorageError
+from operators.read.formats import FORMATS
+
+if TYPE_CHECKING:
+    from pipelines.config import JobConfig
+
+J = TypeVar("J", bound="JobConfig")
+
+console = Console(stderr=True, soft_wrap=True)  # messages hold paths and URIs: never wrap them
+
+CONFIG_HELP = "YAML config (only overrides of the defaults); a path, or the name of a shipped config"
+FORMAT_HELP = "Input format: " + " | ".join(FORMATS)
+SET_HELP = "Override any config key (repeatable; a dotted key reaches inside a mapping): --set batch_size=256"
+STORAGE_HELP = ("fsspec storage option for the output, key=value (repeatable): -o endpoint_url=http://... ; "
+                "credentials come from the environment")
+
+EXIT_RUN_FAILED = 1  # a run failed (pipeline/storage failure, refused commit): nothing published, a rerun may succeed
+EXIT_BAD_COMMAND = 2  # the command was wrong: config, input, model, a busy output
+
+
+def exit_code(e: BaseException) -> int:
+    return EXIT_RUN_FAILED if isinstance(e, (PipelineError, StorageError)) else EXIT_BAD_COMMAND
+
+
+def fail(e: BaseException) -> NoReturn:
+    """Print a featx error (no traceback) and exit with its code (see exit_code)."""
+    console.print("[bold red]error:[/] " + str(e).replace("[", "\\["), highlight=False)
+    raise typer.Exit(exit_code(e))
+
+
+@contextmanager
+def featx_errors() -> Iterator[None]:
+    """Around a command's work: a FeatxError becomes its message and exit code."""
+    try:
+        yield
+    except FeatxError as e:
+        fail(e)
+
+
+@contextmanager
+def job_run() -> Iterator[None]:
+    """Around a job's work (the commands that run on Ray): featx errors as for featx_errors; whatever the run
+    prints (Ray Tune's tables, the workers' logs that Ray forwards) goes to stderr, and the job's Ray is shut
+    down before the command prints its result, so that stdout holds the result alone (JSON for scripts)."""
+    with featx_errors(), contextlib.redirect_stdout(sys.stderr):
+        try:
+            yield
+        finally:
+            _stop_ray()
+
+
+def _stop_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def say(message: str) -> None:
+    """A progress message, on stderr (stdout holds the command's result)."""
+    console.print(message, highlight=False, markup=False)
+
+
+def job_config(cls: type[J], config: Optional[str], flags: dict[str, Any], sets: list[str],
+               saved_at: Optional[str] = None) -> J:
+    """The one way a command gets its job config: defaults <- ``--config`` YAML (or, without one, the config a
+    run saved at ``saved_at``) <- the command's flags (unset ones are None and skipped) <- ``--set`` pairs;
+    validated, and printed (secrets redacted) before any work starts."""
+    from pipelines.config import parse_set
+
+    overrides = {**flags, **parse_set(sets)}
+    cfg = cls.from_saved(saved_at, overrides) if config is None and saved_at else cls.build(config, overrides)
+    console.print("[dim]resolved config:[/]", highlight=False)
+    console.print(cfg.dump(), highlight=False, markup=False)
+    return cfg
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=1, default=str), flush=True)
+
+
+def print_rows(rows: list[dict[str, Any]], title: str) -> None:
+    t = Table(*(rows[0].keys() if rows else ["(no rows)"]), title=title)
+    for r in rows:
+        t.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v)[:80] for v in r.values()])
+    Console().print(t)
+
+
+def storage_options(items: list[str]) -> dict[str, Any]:
+    """``-o key=value`` pairs -> fsspec options; ``endpoint_url`` goes where s3fs wants it."""
+    from pipelines.config import parse_set
+
+    opts = parse_set(items)
+    if "endpoint_url" in opts:
+        opts.setdefault("client_kwargs", {})["endpoint_url"] = opts.pop("endpoint_url")
+    return opts

@@ -1,0 +1,265 @@
+"""Every command that `featx --help` lists, run through the installed console script on tiny real data.
+
+Each command runs as its own process (its own process group, killed whole on a timeout), as a user runs
+it: it must exit 0 (or the documented code where failing is the point), print no Python traceback, and
+say something checked here. The commands that start Ray (embed, refresh, train, tune, predict, finetune,
+demo) get just enough data: a tiny BERT (tests/conftest.py) on a few dozen sentences. `featx submit` and
+`featx jobs` talk to the Ray head of tests/integration/test_submit.py (one head for the session).
+The last test fails when `featx --help` lists a command that no test here ran.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.test_submit import ray_head  # noqa: F401  (the session's one Ray head, token auth)
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+FEATX = Path(sys.executable).with_name("featx")
+RAN: set[str] = set()  # the commands run so far (by the tests above the last one)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """A user's shell: no Ray address or auth inherited from the test process, offline models."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_API_SERVER"))}
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                "TOKENIZERS_PARALLELISM": "false", "PATH": f"{BIN}:{env.get('PATH', '')}", "COLUMNS": "200", **extra})
+    return env
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Ray Train 2.60's placement-group cleaner thread dies with this when another Ray runs on the same machine (a
+# test session's own Ray, the head below): it cannot tell which one is its own. The training is unaffected.
+RAY_TRAIN_NOISE = re.compile(
+    r"\((PlacementGroupCleaner pid=\d+)\) ConnectionError: Found multiple active Ray instances")
+
+
+def unexpected_tracebacks(text: str) -> list[str]:
+    """The first lines of the Python tracebacks in a command's output, but for Ray's known noise above."""
+    text = ANSI.sub("", text)
+    known = {m.group(1) for m in RAY_TRAIN_NOISE.finditer(text)}
+    bad = []
+    for line in text.splitlines():
+        if "Traceback (most recent call last)" in line:
+            prefix = re.match(r"\s*\(([^)]*)\)", line)
+            if not (prefix and prefix.group(1) in known):
+                bad.append(line)
+    return bad
+
+
+class Run:
+    def __init__(self, args: list[str], code: int, out: str, err: str) -> None:
+        self.args, self.code, self.out, self.err = args, code, out, err
+
+    @property
+    def text(self) -> str:
+        return self.out + self.err
+
+    def json(self) -> Any:
+        """stdout as JSON (the command's result; its messages went to stderr)."""
+        return json.loads(self.out)
+
+
+def featx(*args: str, cwd: Path, expect: int = 0, timeout: float = 240, env: dict[str, str] | None = None) -> Run:
+    """``featx ARGS`` through the installed console script; checks the exit code and that no traceback shows."""
+    assert FEATX.is_file(), f"the console script is not installed at {FEATX} (pip install -e .)"
+    proc = subprocess.Popen([str(FEATX), *args], cwd=str(cwd), env=env or _env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"featx {' '.join(args)} ran past {timeout} s\n{out[-3000:]}\n{err[-3000:]}")
+    finally:
+        try:  # whatever the command left behind in its group (a local Ray's processes) goes too
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    run = Run(list(args), proc.returncode, out, err)
+    where = f"featx {' '.join(args)} -> {run.code}\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-6000:]}"
+    assert run.code == expect, where
+    assert not unexpected_tracebacks(run.text), where
+    RAN.add(args[0] if args[0] != "jobs" else "jobs")
+    return run
+
+
+def _resolved_config(err: str) -> dict[str, Any]:
+    """The resolved config a job command printed on stderr (before any work)."""
+    start = err.index("resolved config:")
+    body = err[err.index("{", start):]
+    return json.JSONDecoder().raw_decode(body)[0]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory, tiny_bert: str) -> dict[str, Any]:
+    """Tiny labelled text (32 sentences of a few topics in 3 JSONL shards) and where the commands write."""
+    from pipelines.demo.sample_data import write_text_shards
+
+    root = tmp_path_factory.mktemp("cli")
+    info = write_text_shards(root / "in", fmt="jsonl", shards=3, max_per_topic=8, limit=32)
+    labels = {json.loads(line)["label"] for f in (root / "in").glob("*.jsonl") for line in f.read_text().splitlines()}
+    return {"root": root, "input": root / "in", "records": info["records"], "labels": labels,
+            "model": f"hf:{tiny_bert}", "table": root / "emb", "state": {}}
+
+
+def test_help_lists_the_commands(tmp_path: Path) -> None:
+    run = featx("--help", cwd=tmp_path)
+    RAN.discard("--help")
+    assert "Usage: featx" in run.out and "embed" in run.out and "jobs" in run.out
+
+
+def test_embed_refresh_status(work: dict[str, Any]) -> None:
+    root, table = work["root"], work["table"]
+    run = featx("embed", "--input", "in", "--format", "jsonl", "--model", work["model"], "--output", "emb",
+                "--set", "key_column=id", "--set", "passthrough=[id, label]", "--json", cwd=root)
+    cfg = _resolved_config(run.err)  # relative paths resolved where featx started: Ray's workers run elsewhere
+    assert (cfg["input"], cfg["output"]) == (str(work["input"]), str(table))
+    assert cfg["model"] == work["model"] and cfg["passthrough"] == ["id", "label"] and cfg["batch_size"] == 64
+    report = run.json()
+    assert report["status"] == "succeeded" and report["rows_out"] == work["records"] and report["error_rows"] == 0
+    res = report["resources"]  # every "auto" value of the pool, resolved on this 2-CPU local Ray, and named
+    assert res["local_ray"] is True and res["max_actors"] == 1 and res["torch_threads"] >= 1
+    assert {"torch_threads", "cpu_streams", "batch_autotune", "max_batch_size"} <= set(res["auto"])
+    assert res["batch_autotune"] is False and res["max_batch_size"] == 8 * 64
+
+    # one new shard: refresh (from the config the first run saved) embeds it alone and keeps the rest
+    (work["input"] / "part-00003.jsonl").write_text("".join(
+        json.dumps({"id": f"new-{i}", "text": f"A brand new sentence number {i} about loops.", "label": "loops"}) + "\n"
+        for i in range(4)))
+    run = featx("refresh", "--output", str(table), "--json", cwd=root)
+    assert _resolved_config(run.err)["input"] == str(work["input"])
+    report = run.json()
+    assert report["status"] == "succeeded" and report["shards_processed"] == 1 and report["rows_out"] == 4
+    assert report["changes"]["added_count"] == 1 and report["published_rows"] == work["records"] + 4
+    work["state"]["rows"] = report["published_rows"]
+
+    st = featx("status", str(table), "--json", cwd=root).json()
+    assert st["published"]["snapshot"] == 2 and st["published"]["rows"] == work["state"]["rows"]
+    assert [(r["command"], r["status"]) for r in st["runs"]] == [("embed", "succeeded"), ("refresh", "succeeded")]
+    table_view = featx("status", str(table), cwd=root)
+    assert "snapshot 2" in table_view.out and "runs" in table_view.out
+
+
+def test_read_commands(work: dict[str, Any]) -> None:
+    root, table, rows = work["root"], str(work["table"]), work["state"]["rows"]
+    counted = featx("sql", table, "SELECT count(*) AS n, count(DISTINCT label) AS labels FROM embeddings",
+                    "--format", "json", cwd=root).json()
+    assert counted == [{"n": rows, "labels": len(work["labels"] | {"loops"})}]
+    csv = featx("sql", table, "SELECT key FROM embeddings ORDER BY key LIMIT 2", "--format", "csv", cwd=root)
+    assert csv.out.splitlines()[0] == "key" and len(csv.out.splitlines()) == 3
+
+    rep = featx("inspect", table, "--json", "--plot", str(root / "map.png"), "--color", "label", cwd=root).json()
+    assert rep["healthy"] is True and rep["rows"] == rows and (root / "map.png").stat().st_size > 0
+
+    meta = featx("index", table, "--kind", "ivf", "--metric", "cosine", cwd=root).json()
+    assert meta["rows"] == rows and meta["params"]["nlist"] == 1  # sqrt(rows), at most rows / 39: as --help says
+    hits = featx("query", table, "--text", "A brand new sentence about loops.", "-k", "3", "--json", cwd=root).json()
+    assert len(hits["hits"]) == 3 and hits["method"] != "exact" and hits["snapshot"] == 2
+    assert hits["hits"][0]["label"] == "loops"  # the nearest sentences are the new ones, by the table's own model
+    like = hits["hits"][0]["key"]
+    exact = featx("query", table, "--like", like, "-k", "2", "--exact", "--json", cwd=root).json()
+    assert exact["method"] == "exact" and len(exact["hits"]) == 2
+    assert like not in {h["key"] for h in exact["hits"]} and exact["hits"][0]["label"] == "loops"  # its neighbours
+
+
+def test_learn_commands(work: dict[str, Any]) -> None:
+    root, table = work["root"], str(work["table"])
+    run = featx("train", "--embeddings", "emb", "--label-column", "label", "--head", "linear", "--output", "head",
+                "--set", "epochs=4", "--set", "num_workers=1", "--set", "cpus_per_worker=0.5",
+                "--set", "val_fraction=0.3", cwd=root)
+    assert _resolved_config(run.err)["epochs"] == 4
+    summary = run.json()
+    assert summary["epochs_run"] >= 1 and summary["train_rows"] + summary["val_rows"] == work["state"]["rows"]
+    assert (root / "head" / "metrics.json").is_file()
+
+    pred = featx("predict", "--model", str(root / "head"), "--embeddings", table, "--output", str(root / "pred"),
+                 cwd=root).json()
+    assert pred["rows"] == work["state"]["rows"] and pred["files"]
+
+    tune_yaml = root / "tune.yaml"  # `featx tune --config tune.yaml` once stopped on a missing public_dict
+    tune_yaml.write_text(f"train:\n  embeddings: {table}\n  label_column: label\n  output: {root / 'tune'}\n"
+                         "  val_fraction: 0.3\ngrid:\n  lr: [0.01, 0.1]\ncpus_per_trial: 1\n")
+    run = featx("tune", "--config", str(tune_yaml), "--set", "train.epochs=3", cwd=root)
+    cfg = _resolved_config(run.err)
+    assert cfg["train"]["epochs"] == 3 and cfg["grid"] == {"lr": [0.01, 0.1]}
+    summary = run.json()
+    assert summary["n_trials"] == 2 and summary["best_params"]["lr"] in (0.01, 0.1)
+    assert (root / "tune" / "best.yaml").is_file() and (root / "tune" / "trials.csv").is_file()
+
+    run = featx("finetune", "--input", str(work["input"]), "--format", "jsonl", "--model", work["model"],
+                "--label-column", "label", "--output", str(root / "ft"), "--set", "key_column=id",
+                "--set", "epochs=1", "--set", "num_workers=1", "--set", "cpus_per_worker=0.5",
+                "--set", "batch_size=8", "--set", "max_length=32", cwd=root)
+    assert _resolved_config(run.err)["model"] == work["model"]
+    summary = run.json()
+    assert summary["epochs_run"] == 1 and summary["registered_as"]
+
+
+def test_demo_and_models(tmp_path: Path) -> None:
+    listed = featx("models", cwd=tmp_path)
+    for name in ("minilm-l6", "efficientnet-lite0", "resnet50"):
+        assert name in listed.out
+    run = featx("demo", "--dir", str(tmp_path / "demo"), cwd=tmp_path, timeout=360)
+    assert "[4/4]" in run.err and "FLOAT[384]" in run.err
+    for kind in ("images", "text"):
+        assert (tmp_path / "demo" / "output" / kind / "_manifest.json").is_file()
+
+
+def test_submit_and_jobs(work: dict[str, Any], ray_head: dict[str, Any]) -> None:  # noqa: F811
+    root, url = work["root"], ray_head["url"]
+    env = _env(RAY_AUTH_TOKEN=ray_head["token"])
+    run = featx("submit", "--address", url, "--", "featx", "sql", str(work["table"]),
+                "SELECT count(*) AS n FROM embeddings", "--format", "json", cwd=root, env=env)
+    sid = re.search(r"submission id: (\S+)", run.out).group(1)
+    assert "status: SUCCEEDED" in run.out and f'"n": {work["state"]["rows"]}' in run.out
+    assert "python -m pipelines.cli sql" in run.err  # featx ran from the shipped working dir
+
+    listing = featx("jobs", "--address", url, "list", "--json", cwd=root, env=env).json()
+    assert sid in {j["submission_id"] for j in listing}
+    st = featx("jobs", "--address", url, "status", sid, "--json", cwd=root, env=env).json()
+    assert st["status"] == "SUCCEEDED" and st["metadata"]["featx_command"] == "sql"
+    logs = featx("jobs", "--address", url, "logs", sid, cwd=root, env=env)
+    assert f'"n": {work["state"]["rows"]}' in logs.out
+    stop = featx("jobs", "--address", url, "stop", sid, cwd=root, env=env)
+    assert stop.out.strip() == f"{sid}: SUCCEEDED"  # it had finished: nothing to stop
+    default = featx("jobs", "--address", url, cwd=root, env=env)  # `featx jobs` alone lists
+    assert sid in default.out
+    unknown = featx("jobs", "--address", url, "status", "raysubmit_nosuchjob", cwd=root, env=env, expect=2)
+    assert unknown.err.startswith("error:")
+
+
+def test_failures_are_one_message_and_an_exit_code(work: dict[str, Any], tmp_path: Path) -> None:
+    """Wrong commands exit 2 with the reason (no traceback); the checks run before any Ray work."""
+    bad_key = featx("embed", "--config", "text-minilm.yaml", "--set", "num_gpu=1", cwd=tmp_path, expect=2)
+    assert "num_gpu: unknown key" in bad_key.err and "num_gpus" in bad_key.err
+    nothing = featx("status", str(tmp_path / "nowhere"), cwd=tmp_path, expect=2)
+    assert nothing.err.startswith("error:") and "nothing at" in nothing.err
+    no_source = featx("refresh", cwd=tmp_path, expect=2)
+    assert "refresh needs --config" in no_source.err
+    bad_tune = tmp_path / "tune.yaml"
+    bad_tune.write_text("train: {embeddings: x, output: y, epoch: 3}\ngrid: {lr: [0.1]}\n")
+    nested = featx("tune", "--config", str(bad_tune), cwd=tmp_path, expect=2)
+    assert "train.epoch: unknown key" in nested.err and "epochs" in nested.err
+    not_a_head = featx("predict", "--model", str(tmp_path), "--embeddings", str(work["table"]),
+                       "--output", str(tmp_path / "p"), cwd=tmp_path, expect=2)
+    assert "not a trained featx head" in " ".join(not_a_head.err.split())
+
+
+def test_every_listed_command_ran(tmp_path: Path) -> None:
+    if not RAN:
+        pytest.skip("the tests above did not run (deselected)")
+    listed = set(re.findall(r"^│ (\w+)\s{2,}", featx("--help", cwd=tmp_path).out, flags=re.MULTILINE))
+    RAN.discard("--help")
+    assert {"embed", "refresh", "status", "submit", "jobs"} <= listed
+    assert listed <= RAN, f"commands listed by `featx --help` that no test here ran: {sorted(listed - RAN)}"
