@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from operators import columns as C
 from pipelines.demo.sample_data import PHOTOS, crops
 
 
@@ -51,23 +50,26 @@ def write_image_parquet(folder: str | Path, per_photo: int = 4, shards: int = 2,
 
 
 def reference_embeddings(inp: Path, model: str, key_column: str = "id") -> dict[str, np.ndarray]:
-    """key -> vector for every record of the JSONL shards in ``inp``, embedded by read + preprocess + embed_table."""
-    from operators.embed.embedder import embed_table
-    from operators.read.readers import read_shard
-    from operators.models.registry import load
-    from pipelines.config import build_config
-    from operators.read.loading import prepare_rows
-    from pipelines.config import model_spec, read_options
+    """key -> vector for every record of the JSONL shards in ``inp``, computed by transformers alone (no featx
+    code): the folder's tokenizer and AutoModel, then mean pooling over the attention mask, which is what
+    featx's ``hf:<folder>`` models promise (pooling mean, no normalisation)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
 
-    cfg = build_config(None, {"input": str(inp), "format": "jsonl", "output": "/unused", "model": model,
-                              "key_column": key_column})
-    spec = model_spec(cfg)
-    backbone = load(spec)
+    assert model.startswith("hf:"), "the independent reference covers hf:<folder> models"
+    folder = model[len("hf:"):]
+    tok = AutoTokenizer.from_pretrained(folder)
+    encoder = AutoModel.from_pretrained(folder).eval()
     out: dict[str, np.ndarray] = {}
-    for f in sorted(inp.glob("*.jsonl")):
-        rows = prepare_rows(read_shard(str(f), f.name, read_options(cfg)), "p", spec.preprocessing, 0.0)
-        t = embed_table(backbone, rows, 8)
-        out.update(zip(t[C.KEY].to_pylist(), np.array(t[C.EMBEDDING].to_pylist(), dtype=np.float32)))
+    with torch.no_grad():
+        for f in sorted(inp.glob("*.jsonl")):
+            for line in f.read_text().splitlines():
+                rec = json.loads(line)
+                enc = tok(rec["text"], truncation=True, max_length=encoder.config.max_position_embeddings,
+                          return_tensors="pt")
+                hidden = encoder(**enc).last_hidden_state[0]
+                mask = enc["attention_mask"][0].unsqueeze(-1).float()
+                out[f"{f.name}#{rec[key_column]}"] = ((hidden * mask).sum(0) / mask.sum()).numpy()
     return out
 
 
