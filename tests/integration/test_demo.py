@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from pipelines.demo.demo import run_demo
 from pipelines.publish.manifest import load_manifest
 from pipelines.read.table import read_table
+from tests.featx_side import featx_vectors
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
@@ -22,16 +24,37 @@ def test_demo_embeds_real_images_and_text(tmp_path: Path) -> None:
     images = read_table(str(tmp_path / "demo" / "output" / "images"))
     assert images.num_rows == img["rows_in"] == 18 * 8
     assert images.schema.field("embedding").type.list_size == 1280
-    # pretrained features separate the photos: each crop's nearest other crop is mostly from its own photo
-    emb = np.array(images["embedding"].to_pylist())
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    sim = emb @ emb.T
-    np.fill_diagonal(sim, -1)
-    labels = np.array(images["cls"].to_pylist())
-    assert (labels[sim.argmax(1)] == labels).mean() > 0.8
+    # pretrained features separate the photos: each crop's nearest other crop is from its own photo (measured
+    # 0.99); the same check on randomly initialised weights fails (measured 0.81-0.85 over seeds 0-2: crops of
+    # one photo share colours, so random features are far from chance, but not near pretrained ones)
+    labels = images["cls"].to_pylist()
+    assert _nearest_neighbour_agreement(np.array(images["embedding"].to_pylist()), labels) >= 0.95
+    random_init = _random_init_vectors(tmp_path / "demo" / "input" / "images", tmp_path / "random.pth")
+    by_key = dict(zip(images["key"].to_pylist(), labels))
+    assert _nearest_neighbour_agreement(np.stack(list(random_init.values())), [by_key[k] for k in random_init]) <= 0.9
     text_manifest = load_manifest(str(tmp_path / "demo" / "output" / "text"))
     assert text_manifest["dim"] == 384 and text_manifest["rows"] == txt["rows_in"] > 500
     # the query's nearest neighbour is itself, and the printed guide names the Parquet and the cast
     assert result["neighbours"][0][2] == pytest.approx(1.0, abs=1e-4)
     out = "\n".join(lines)
     assert "FLOAT[384]" in out and "data/" in out
+
+
+def _nearest_neighbour_agreement(vectors: np.ndarray, labels: list[Any]) -> float:
+    """Share of rows whose nearest other row (cosine) has the same label."""
+    emb = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    sim = emb @ emb.T
+    np.fill_diagonal(sim, -1)
+    lab = np.array(labels)
+    return float((lab[sim.argmax(1)] == lab).mean())
+
+
+def _random_init_vectors(images: Path, weights: Path) -> dict[str, np.ndarray]:
+    """The demo's images through the same pipeline with EfficientNet-Lite0 randomly initialised (timm, seed 0)."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    torch.save(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict(), weights)
+    return featx_vectors(sorted(images.glob("*.tar")), {"input": str(images), "format": "webdataset",
+                                                        "model": "efficientnet-lite0", "weights": str(weights)})
