@@ -73,6 +73,26 @@ def ray_head(s3_server: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 @contextmanager
 def _running_head() -> Iterator[dict[str, Any]]:
+    """A token-auth Ray head on loopback. Its ports are picked free just before it starts, and another Ray on
+    the machine (the other pytest worker's) may take one in between: a head that dies while starting is
+    started again on fresh ports, up to 3 times, and the error shows the logs of the last try."""
+    errors: list[str] = []
+    for _ in range(3):
+        head = _start_head()
+        if isinstance(head, str):
+            errors.append(head)
+            continue
+        proc, info = head
+        try:
+            yield info
+        finally:
+            _stop_head(proc, info["tmp"])
+        return
+    raise RuntimeError("the Ray head did not start in 3 tries:\n" + "\n---\n".join(errors))
+
+
+def _start_head() -> tuple[subprocess.Popen, dict[str, Any]] | str:
+    """A started head (its process and url/token/tmp), or the tail of its logs when it died while starting."""
     tmp = Path(f"/tmp/fxs-{secrets.token_hex(3)}")  # short: Ray's socket paths must stay under 107 bytes
     tmp.mkdir()
     token = secrets.token_hex(24)
@@ -81,40 +101,43 @@ def _running_head() -> Iterator[dict[str, Any]]:
     gcs, dash, client, agent, agent_grpc, renv, metrics, nm, om = _ports(9)
     env = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), HF_HUB_OFFLINE="1",
                      PATH=f"{BIN}:{os.environ.get('PATH', '')}")  # the job's `python` is the venv's
-    log = open(tmp / "head.log", "wb")
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
-         "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-         "--runtime-env-agent-port", str(renv), "--metrics-export-port", str(metrics),
-         "--node-manager-port", str(nm), "--object-manager-port", str(om), "--num-cpus", "2", "--num-gpus", "0",
-         "--temp-dir", str(tmp / "ray"), "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(tmp))
+    with open(tmp / "head.log", "wb") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+             "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+             "--runtime-env-agent-port", str(renv), "--metrics-export-port", str(metrics),
+             "--node-manager-port", str(nm), "--object-manager-port", str(om), "--num-cpus", "2", "--num-gpus", "0",
+             "--temp-dir", str(tmp / "ray"), "--disable-usage-stats"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(tmp))
     url = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                req = urllib.request.Request(url + "/api/version", headers={"Authorization": f"Bearer {token}"})
-                urllib.request.urlopen(req, timeout=2).read()
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the Ray head did not start:\n" + (tmp / "head.log").read_text()[-3000:])
-                time.sleep(0.5)
-        yield {"url": url, "token": token, "tmp": tmp}
-    finally:
-        for sig, wait in ((signal.SIGTERM, 2), (signal.SIGKILL, 5)):  # the head's whole process group, by its id
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                pass
-        log.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            req = urllib.request.Request(url + "/api/version", headers={"Authorization": f"Bearer {token}"})
+            urllib.request.urlopen(req, timeout=2).read()
+            return proc, {"url": url, "token": token, "tmp": tmp}
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                logs = (tmp / "head.log").read_text()[-1500:]
+                for extra in sorted((tmp / "ray").glob("session_*/logs/dashboard.*"))[:2]:
+                    logs += f"\n{extra.name}: " + extra.read_text(errors="replace")[-1500:]
+                _stop_head(proc, tmp)
+                return logs
+            time.sleep(0.5)
+
+
+def _stop_head(proc: subprocess.Popen, tmp: Path) -> None:
+    for sig, wait in ((signal.SIGTERM, 2), (signal.SIGKILL, 5)):  # the head's whole process group, by its id
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _featx(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
