@@ -7,6 +7,8 @@ sets ``FEATX_FAILPOINTS`` in the environment of the ``featx`` command it starts:
 - ``driver:<point>`` or ``driver:<point>@<n>``: the driver kills itself (SIGKILL) the n-th time (default 1st)
   it passes ``<point>`` (points: ``journal``, ``commit-before-move``, ``commit-mid-move``,
   ``commit-before-manifest``, ``commit-after-manifest``).
+- ``driver-pause:<point>:<seconds>``: the driver sleeps that long the first time it passes ``<point>`` (a test
+  then acts while the run is certainly still running).
 - ``crash-key:<key>``: any worker process that is about to preprocess the record ``<key>`` kills itself,
   as a native decoder crash would, every time.
 - ``crash-embed-once:<key>``: the embedding actor that is about to embed ``<key>`` kills itself, the first
@@ -24,6 +26,7 @@ import hashlib
 import os
 import signal
 import tempfile
+import time
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
@@ -43,6 +46,11 @@ def failpoint(point: str) -> None:
         return
     _passed[point] = _passed.get(point, 0) + 1
     for e in _entries():
+        if e.startswith("driver-pause:"):  # driver-pause:<point>:<seconds>: hold the driver there, the first time
+            name, _, seconds = e[len("driver-pause:"):].partition(":")
+            if name == point and _passed[point] == 1:
+                time.sleep(float(seconds))
+            continue
         if not e.startswith("driver:"):
             continue
         name, _, nth = e[len("driver:"):].partition("@")

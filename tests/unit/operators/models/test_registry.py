@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +63,13 @@ def test_torchvision_weights_errors_say_what_to_do(tmp_path: Path, monkeypatch: 
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
-    with pytest.raises(ModelLoadError) as e:
-        load(resolve("resnet18"))
+    try:
+        with pytest.raises(ModelLoadError) as e:
+            load(resolve("resnet18"))
+    finally:
+        # urllib keeps the opener (with these proxies) that the download built: drop it, or later requests in
+        # this process (a test's Ray dashboard on loopback) would go to the closed port too
+        urllib.request.install_opener(None)
     assert "weights=/path/to" in str(e.value) and "IMAGENET1K_V1" in str(e.value)
 
 
