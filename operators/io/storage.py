@@ -302,9 +302,8 @@ def read_object(uri: str, storage_options: dict[str, Any] | None = None, expecte
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes | None:
     """The whole object, or None when it does not exist."""
-    fs, path = get_fs(uri, storage_options)
     try:
-        return retry(lambda: fs.cat_file(path), f"reading {uri!r}")
+        return read_object(uri, storage_options)
     except FileNotFoundError:
         return None
 

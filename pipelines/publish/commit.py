@@ -189,9 +189,10 @@ def accounting_problems(pieces: list[dict[str, Any]], file_rows: dict[str, int],
     return problems
 
 
-def staged_file_rows(output: str, records: list[dict[str, Any]], storage_options: dict[str, Any]) -> dict[str, int]:
-    """Rows per file of the new pieces, from each file's footer (in its staging prefix, or at its final name
-    when a crashed commit already moved it)."""
+def footer_rows(output: str, records: list[dict[str, Any]], storage_options: dict[str, Any]) -> dict[str, int]:
+    """Rows per data/error file of the pieces, from each file's footer, read in parallel: a staged piece's in
+    its staging prefix (or at its final name when a crashed commit already moved it), a published one's at its
+    final name."""
 
     def rows(rec: dict[str, Any], path: str) -> tuple[str, int]:
         if rec.get("staged_in"):
@@ -213,7 +214,7 @@ def check_accounting(output: str, records: list[dict[str, Any]], kept: list[dict
     counted by the commit that published them."""
     problems = [f"piece {r['id']}: no read count for shard {s['uri']}" for r in records for s in r["shards"]
                 if s.get("records") is None]
-    problems += accounting_problems(kept + records, staged_file_rows(output, records, storage_options), planned)
+    problems += accounting_problems(kept + records, footer_rows(output, records, storage_options), planned)
     if problems:
         # this run's staged pieces are not to be adopted by a rerun: drop its journal (best effort; the
         # adopters' own count check stands behind it)

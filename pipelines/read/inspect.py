@@ -62,15 +62,10 @@ def inspect_table(output: str, snapshot: int | None = None, color: str | None = 
 def check_files(output: str, manifest: dict[str, Any], storage_options: dict[str, Any]) -> dict[str, Any]:
     """Re-check the commit's row accounting from the files: per piece, records read (the manifest's per-shard
     counts) = rows in its data files + rows in its error files, each file counted from its own footer."""
-    from concurrent.futures import ThreadPoolExecutor
+    from pipelines.publish.commit import accounting_problems, footer_rows, read_rows
 
-    from operators.io.parquet import parquet_rows
-    from pipelines.publish.commit import accounting_problems, read_rows
-
-    paths = [f["path"] for f in manifest.get("files", [])] + [f["path"] for f in manifest.get("error_files", [])]
-    with ThreadPoolExecutor(16) as pool:
-        file_rows = dict(zip(paths, pool.map(lambda p: parquet_rows(join(output, p), storage_options), paths)))
     pieces = manifest.get("pieces", [])
+    file_rows = footer_rows(output, pieces, storage_options)
     problems = accounting_problems(pieces, file_rows)
     counted = [p for p in pieces if read_rows(p) is not None]
     return {"ok": not problems, "pieces_checked": len(counted), "pieces_without_read_counts": len(pieces) - len(counted),
