@@ -13,6 +13,9 @@ sets ``FEATX_FAILPOINTS`` in the environment of the ``featx`` command it starts:
   as a native decoder crash would, every time.
 - ``crash-embed-once:<key>``: the embedding actor that is about to embed ``<key>`` kills itself, the first
   time only (a marker file in the temp folder remembers it), as a lost worker or node would.
+- ``actors-meet:<n>:<folder>``: each embedding actor holds its first block until ``n`` actors have each
+  taken one (each leaves a file in ``<folder>``; at most 120 s), so a test sees every actor of a pool get work
+  whatever the machine's speed: the pool hands the next block to an idle actor while the first one waits.
 - ``drop-rows:<n>``: the sink silently drops the last ``n`` rows of every part it writes, as a bug between
   read and write would (the commit's row accounting must refuse to publish).
 
@@ -80,6 +83,25 @@ def crash_embed_once(keys: Iterable[str]) -> None:
             continue
         os.close(fd)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def actors_meet(actor_id: str) -> None:
+    """Hold this actor's first block until the asked-for number of actors have each taken one (module doc)."""
+    if not os.environ.get(ENV):
+        return
+    for e in _entries():
+        if not e.startswith("actors-meet:"):
+            continue
+        n, _, folder = e[len("actors-meet:"):].partition(":")
+        if _passed.get("actors-meet"):
+            return
+        _passed["actors-meet"] = 1
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, hashlib.sha1(actor_id.encode()).hexdigest()[:16]), "w") as f:
+            f.write(actor_id)
+        deadline = time.monotonic() + 120
+        while len(os.listdir(folder)) < int(n) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def once_marker(key: str) -> str:

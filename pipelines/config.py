@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from operators.embed.autotune import tune_limit
 from operators.errors import ConfigError
 from operators.io.storage import redact
+from operators.learn.convex import DEFAULT_CS
 from operators.models.registry import ModelOptions, ModelSpec, resolve, with_image_size
 from operators.read.formats import FORMATS, IMAGE_FORMATS, TEXT_FORMATS
 from operators.read.readers import ReadOptions
@@ -178,7 +179,10 @@ class HeadFields(BaseModel):
     weight_decay: float = Field(1e-4, ge=0)
     class_weighting: Literal["none", "balanced"] = Field(
         "balanced", description="balanced: inverse class frequency in the loss")
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of keys (by a stable hash) held out for validation")
+    val_fraction: float | None = Field(
+        None, ge=0, lt=1, description="Share of keys (by a stable hash) held out for validation, never trained on. "
+        "Default: 0.2, but 0 for `featx train`'s linear probe, which chooses its L2 strength by cross-validation "
+        "on the training rows and reports the CV estimate")
     split_column: str | None = Field(None, description="Column with train/val (or validation/test) per row; overrides "
                                                        "val_fraction")
     metric: Literal["accuracy", "macro_f1", "loss"] = Field("macro_f1", description="Validation metric for early "
@@ -293,6 +297,30 @@ class TrainConfig(JobConfig, HeadFields, TrainerFields, StorageFields):
     adapt_to: str | None = Field(None, description="Target-domain embeddings table (unlabelled): CORAL-align the "
                                                    "source features to it")
     coral_eps: float = Field(1.0, gt=0, description="CORAL covariance regularisation, relative to the mean variance")
+    # the linear probe: multinomial logistic regression, full-batch L-BFGS (operators/learn/convex.py)
+    l2_c: float | None = Field(None, gt=0, description="Linear probe: the inverse L2 strength C (scikit-learn's C); "
+                                                       "default: chosen by k-fold cross-validation from cv_grid")
+    cv_grid: list[float] = Field(default_factory=lambda: list(DEFAULT_CS), min_length=1,
+                                 description="Linear probe: the C values cross-validated (default: scikit-learn "
+                                             "LogisticRegressionCV's, 10 from 1e-4 to 1e4)")
+    cv_folds: int = Field(5, ge=2, le=20, description="Linear probe: cross-validation folds (by a stable key hash)")
+    cv_max_rows: int = Field(50_000, ge=100, description="Linear probe: cross-validate on at most about this many "
+                                                          "training rows (a fixed sample by key hash); the final "
+                                                          "fit uses all of them")
+    solver_tol: float = Field(1e-6, gt=0, description="Linear probe: converged when every gradient component of "
+                                                      "the objective is under this")
+    max_iter: int = Field(1000, ge=1, description="Linear probe: L-BFGS iterations per fit at most")
+    refit: bool = Field(True, description="MLP: after early stopping picks the epoch count, train again from "
+                                          "scratch on the training and validation rows for that many epochs")
+
+    @model_validator(mode="after")
+    def _held_out(self) -> "TrainConfig":
+        if self.val_fraction is None:
+            self.val_fraction = 0.0 if self.head == "linear" else 0.2
+        if self.head == "mlp" and self.val_fraction == 0 and not self.split_column:
+            raise ValueError("the mlp head stops early on a validation split: set val_fraction > 0 (e.g. 0.2) "
+                             "or split_column")
+        return self
 
 
 class FinetuneConfig(JobConfig, InputFields, BackboneFields, ComputeFields, HeadFields, TrainerFields):
@@ -316,6 +344,11 @@ class FinetuneConfig(JobConfig, InputFields, BackboneFields, ComputeFields, Head
 
     @model_validator(mode="after")
     def _consistent(self) -> "FinetuneConfig":
+        if self.val_fraction is None:
+            self.val_fraction = 0.2
+        if self.val_fraction == 0 and not self.split_column:
+            raise ValueError("fine-tuning stops early on a validation split: set val_fraction > 0 (e.g. 0.2) or "
+                             "split_column")
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("precision 'fp16' needs a GPU (use_gpu: true); use fp32 or bf16 on CPU")
         return self
@@ -341,6 +374,15 @@ class TuneConfig(JobConfig):
         if not v or any(not isinstance(vals, list) or not vals for vals in v.values()):
             raise ValueError("give each searched field a non-empty list of values")
         return v
+
+    @model_validator(mode="after")
+    def _mlp_only(self) -> "TuneConfig":
+        heads = self.grid.get("head", [self.train.head])
+        if "linear" in heads:
+            raise ValueError("the linear probe chooses its L2 strength itself, by cross-validation over "
+                             "train.cv_grid (`featx train --head linear`); tune the MLP: set train.head: mlp "
+                             "(and leave linear out of grid.head)")
+        return self
 
 
 JOBS: dict[str, type[JobConfig]] = {"embed": EmbedConfig, "refresh": EmbedConfig, "train": TrainConfig,

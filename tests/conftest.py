@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,20 +16,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 S3_KEY, S3_SECRET = "featx-test-key", "featx-test-secret-CANARY"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[dict[str, Any]]:
     """moto's real S3-protocol HTTP server on 127.0.0.1; env vars point boto/s3fs at it."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the OS picks and binds at once
     server.start()
+    port = int(server.get_host_and_port()[1])
     endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
            "AWS_DEFAULT_REGION": "us-east-1"}
@@ -94,14 +87,21 @@ def ray_local(s3_server: dict[str, Any]) -> Iterator[None]:
     """One real local Ray for the session (started after the S3 env vars are set, so workers inherit them)."""
     import ray
 
+    from tests.isolation import LocalCluster
+
+    cluster = None
     if not ray.is_initialized():
-        # one logical GPU: actors asking for num_gpus are scheduled as on a GPU node (CUDA stays unavailable)
-        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+        # one logical GPU: actors asking for num_gpus are scheduled as on a GPU node (CUDA stays unavailable);
+        # its own ports and temp dir (tests/isolation.py)
+        cluster = LocalCluster(num_cpus=2, num_gpus=1, object_store_memory=2 * 1024**3)
+        ray.init(address=cluster.address, log_to_driver=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+    if cluster is not None:
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from operators import columns as C
 from operators.embed.autotune import BatchTuner, tune_limit
-from operators.faults import ENV as FAULTS_ENV, crash_embed_once
+from operators.faults import ENV as FAULTS_ENV, actors_meet, crash_embed_once
 from operators.models.backbones import Backbone
 from operators.models.registry import load
 from operators.models.specs import ImagePreprocess, ModelSpec
@@ -467,6 +467,7 @@ class EmbedActor:
     def __call__(self, table: pa.Table) -> pa.Table:
         if os.environ.get(FAULTS_ENV):  # kill tests only; one lookup otherwise
             crash_embed_once(table[C.KEY].to_pylist())
+            actors_meet(self.actor_id)
         if self.decode_images and C.PAYLOAD in table.column_names:
             out = embed_image_bytes(self.backbone, table, self.batch_size, self.precision, self.pool, tuner=self.tuner)
         else:

@@ -80,8 +80,18 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 # ---- training steps shared by Ray Train workers, Tune trials and tests (no Ray here) ---------------
 
+CONSTANT_VAR = 1e-12  # a feature whose variance is under this share of the mean variance is constant (float noise)
+CONSTANT_STD = 1e30  # its scale: it becomes 0 for the head, where dividing by its own tiny std would make noise O(1)
+
+
 def scaler_from_moments(mean: np.ndarray, var: np.ndarray) -> dict[str, list[float]]:
-    std = np.sqrt(np.maximum(np.asarray(var, dtype=np.float64), 1e-12))
+    """Standardisation from the training rows' moments. Constant features (some models' embeddings have
+    dimensions that are 0 up to float noise, e.g. all-MiniLM-L6-v2's at 1e-33) are mapped to 0, not blown up:
+    scikit-learn's StandardScaler alone would scale that noise to unit variance (drop them with
+    VarianceThreshold there to compare)."""
+    var = np.asarray(var, dtype=np.float64)
+    const = var <= CONSTANT_VAR * max(float(var.mean()) if var.size else 0.0, 1e-300)
+    std = np.where(const, CONSTANT_STD, np.sqrt(np.maximum(var, 1e-300)))
     return {"mean": np.asarray(mean, np.float64).tolist(), "std": std.tolist()}
 
 

@@ -29,7 +29,8 @@ def train(
         cfg = job_config(TrainConfig, config, {"embeddings": embeddings, "label_column": label_column, "head": head,
                                                "output": output, "adapt_to": adapt_to}, set_)
         summary = run_train(cfg, progress=say)
-    print_json(_pick(summary, ("best_epoch", "best", "epochs_run", "train_rows", "val_rows")))
+    keys = (("solver", "cv", "held_out") if summary["head"] == "linear" else ("best_epoch", "epochs_run", "refit"))
+    print_json(_pick(summary, ("head", "best", *keys, "train_rows", "val_rows")))
 
 
 def finetune(

@@ -128,11 +128,13 @@ def _write_checkpoint(folder: str, states: States, confusion: list[list[int]]) -
 
 
 def epoch_loop(cfg: Schedule, one_epoch: Callable[[int], EpochSums], report: Callable[..., None],
-               keep: Callable[[], States] | None = None) -> dict[str, Any]:
+               keep: Callable[[], States] | None = None, last: bool = False) -> dict[str, Any]:
     """Epochs until ``cfg.epochs``, or until ``cfg.patience`` epochs in a row bring no better ``cfg.metric``.
 
     ``report(row)`` or ``report(row, checkpoint=...)`` every epoch (ray.train.report, ray.tune.report);
     ``keep``: the weights to keep when an epoch improves (None: keep nothing, write no checkpoints).
+    ``last``: a refit for a fixed number of epochs: keep the last epoch's weights, never stop early (its
+    validation rows were trained on, so they cannot choose).
     Returns ``{"history": [metrics per epoch], "stopped_early": bool}``.
     """
     history: list[dict[str, Any]] = []
@@ -148,8 +150,8 @@ def epoch_loop(cfg: Schedule, one_epoch: Callable[[int], EpochSums], report: Cal
         value = metric_value(metrics, cfg.metric)
         improved = better(cfg.metric, value, best)
         best, stale = (value, 0) if improved else (best, stale + 1)
-        stop = stale >= cfg.patience
-        if improved and keep is not None:  # the best weights so far, in memory
+        stop = stale >= cfg.patience and not last
+        if (improved or last) and keep is not None:  # the best (or, refitting, the latest) weights, in memory
             kept, kept_cm = _copy(keep()), cm.astype(int).tolist()
         row = {**metrics, "best": best, "improved": improved, "stopped_early": stop}
         if keep is not None and (stop or epoch == cfg.epochs - 1 or (epoch + 1) % CHECKPOINT_EVERY == 0):
@@ -162,17 +164,21 @@ def epoch_loop(cfg: Schedule, one_epoch: Callable[[int], EpochSums], report: Cal
             report(row)
         if stop:
             break
-    return {"history": history, "stopped_early": stale >= cfg.patience}
+    return {"history": history, "stopped_early": stale >= cfg.patience and not last}
 
 
-def split_datasets(ds: Any) -> dict[str, Any]:
+def split_datasets(ds: Any, refit: bool = False) -> dict[str, Any]:
     """The "train" and "val" Ray Datasets of rows flagged by labels.VAL, materialized once into the object store
     (spilling to disk when large): not re-read every epoch, and ready before the workers take the CPUs (a lazy
-    pipeline could then wait forever)."""
-    from pipelines.learn.labels import keep_split
+    pipeline could then wait forever). ``refit``: "train" holds the validation rows too."""
+    from pipelines.learn.labels import VAL, keep_split
 
-    return {name: ds.map_batches(keep_split, fn_args=(val,), batch_format="pyarrow", batch_size=None).materialize()
-            for name, val in (("train", False), ("val", True))}
+    out = {name: ds.map_batches(keep_split, fn_args=(val,), batch_format="pyarrow", batch_size=None).materialize()
+           for name, val in (("train", False), ("val", True))}
+    if refit:
+        out["train"] = ds.map_batches(lambda b: b.drop_columns([VAL]), batch_format="pyarrow",
+                                      batch_size=None).materialize()
+    return out
 
 
 def dataset_shards() -> tuple[Any, Any]:
@@ -182,21 +188,21 @@ def dataset_shards() -> tuple[Any, Any]:
     return ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
 
-def worker_epochs(cfg: Schedule, one_epoch: Callable[[int], EpochSums], keep: Callable[[], States]) -> dict[str, Any]:
+def worker_epochs(cfg: Schedule, one_epoch: Callable[[int], EpochSums], keep: Callable[[], States],
+                  last: bool = False) -> dict[str, Any]:
     """``epoch_loop`` in a Ray Train worker: every worker reports; rank 0 keeps the best weights and checkpoints."""
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    return epoch_loop(cfg, one_epoch, ray.train.report, keep if rank == 0 else None)
+    return epoch_loop(cfg, one_epoch, ray.train.report, keep if rank == 0 else None, last)
 
 
 # ---- the driver ------------------------------------------------------------------------------------
 
-def fit_on_ray(loop: Callable[[dict[str, Any]], dict[str, Any]], loop_config: dict[str, Any], cfg: Schedule,
-               datasets: dict[str, Any], out: Path, what: str, use_best: Callable[[Path], None],
-               num_to_keep: int = 2) -> dict[str, Any]:
-    """Train with ``cfg.num_workers`` Ray Train workers running ``loop``; ``use_best(folder)`` reads the best
-    checkpoint. Returns best_epoch, best (its metrics), epochs_run, stopped_early, history, confusion."""
+def run_workers(loop: Callable[[dict[str, Any]], dict[str, Any]], loop_config: dict[str, Any], cfg: Schedule,
+                datasets: dict[str, Any], out: Path, what: str, num_to_keep: int = 2) -> Any:
+    """``cfg.num_workers`` Ray Train workers running ``loop`` (DDP process group, dataset shards); the
+    ``ray.train.Result`` with its last checkpoint, the workers' errors raised as featx errors."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -218,6 +224,15 @@ def fit_on_ray(loop: Callable[[dict[str, Any]], dict[str, Any]], loop_config: di
         raise PipelineError(f"{what} failed: {result.error}")
     if result.checkpoint is None:
         raise PipelineError(f"{what} produced no checkpoint; see the Ray Train logs under {out / '_ray'}")
+    return result
+
+
+def fit_on_ray(loop: Callable[[dict[str, Any]], dict[str, Any]], loop_config: dict[str, Any], cfg: Schedule,
+               datasets: dict[str, Any], out: Path, what: str, use_best: Callable[[Path], None],
+               num_to_keep: int = 2) -> dict[str, Any]:
+    """Train with ``cfg.num_workers`` Ray Train workers running ``loop``; ``use_best(folder)`` reads the best
+    checkpoint. Returns best_epoch, best (its metrics), epochs_run, stopped_early, history, confusion."""
+    result = run_workers(loop, loop_config, cfg, datasets, out, what, num_to_keep)
     history = result.return_value["history"]  # rank 0's: every epoch (result.metrics stop at the last checkpoint)
     with result.checkpoint.as_directory() as d:
         use_best(Path(d))
@@ -228,9 +243,39 @@ def fit_on_ray(loop: Callable[[dict[str, Any]], dict[str, Any]], loop_config: di
 
 
 def save_metrics(out: Path, summary: dict[str, Any], title: str) -> None:
-    """``metrics.json`` (the run's summary) and ``metrics.png`` (its history) in ``out``."""
+    """``metrics.json`` (the run's summary) and ``metrics.png`` (its history per epoch, or for the linear probe
+    its cross-validation curve) in ``out``."""
     (out / "metrics.json").write_text(json.dumps(summary, indent=1, default=str))
-    plot_history(summary["history"], out / "metrics.png", title=title)
+    if summary.get("history"):
+        plot_history(summary["history"], out / "metrics.png", title=title)
+    else:
+        plot_cv(summary.get("cv"), summary.get("solver", {}), out / "metrics.png", title=title)
+
+
+def plot_cv(cv: dict[str, Any] | None, solver: dict[str, Any], path: Path, title: str) -> None:
+    """The linear probe's cross-validation curve (held-out accuracy and log-loss per C) and the chosen C, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, a = plt.subplots(figsize=(6, 4))
+    if cv:
+        a.semilogx(cv["cs"], cv["accuracy"], marker="o", label=f"CV accuracy ({cv['folds']} folds)")
+        b = a.twinx()
+        b.semilogx(cv["cs"], cv["log_loss"], color="tab:orange", marker=".", label="CV log-loss")
+        b.set_ylabel("log-loss")
+        a.axvline(cv["best_c"], color="grey", linestyle="--", label=f"chosen C = {cv['best_c']:.3g}")
+        a.set_ylim(0, 1)
+    else:
+        a.text(0.5, 0.5, f"C = {solver.get('c')} given (no cross-validation)", ha="center", transform=a.transAxes)
+    a.set_xlabel("C (inverse L2 strength)")
+    a.set_ylabel("accuracy")
+    a.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:

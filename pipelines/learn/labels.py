@@ -17,7 +17,7 @@ from operators import columns as C
 from operators.errors import InputError
 from pipelines.config import FinetuneConfig, TrainConfig
 
-Y, VAL = "_y", "_val"  # internal columns of the training rows: class index, validation flag
+Y, VAL, HASH = "_y", "_val", "_h"  # internal columns of the training rows: class index, validation flag, key hash
 
 TRAIN_WORDS = {"train", "training"}
 VAL_WORDS = {"val", "valid", "validation", "dev", "test"}
@@ -33,6 +33,13 @@ def is_val_by_hash(keys: Iterable[str], val_fraction: float, seed: int = 0) -> n
     )
 
 
+def key_hashes(keys: Iterable[str], salt: str) -> np.ndarray:
+    """A stable 64-bit hash per key (blake2b): the same on every worker, run and machine (CV folds)."""
+    b = salt.encode()
+    return np.fromiter((int.from_bytes(hashlib.blake2b(b + k.encode(), digest_size=8).digest(), "big") for k in keys),
+                       dtype=np.uint64)
+
+
 def is_val_by_column(values: Iterable[Any], column: str) -> np.ndarray:
     out = []
     for v in values:
@@ -46,7 +53,7 @@ def is_val_by_column(values: Iterable[Any], column: str) -> np.ndarray:
     return np.array(out, dtype=bool)
 
 
-def label_map(train_counts: Counter, val_counts: Counter, column: str) -> list[Any]:
+def label_map(train_counts: Counter, val_counts: Counter, column: str, need_val: bool = True) -> list[Any]:
     """Sorted class labels; refuses data a classifier cannot be trained or judged on."""
     if None in train_counts or None in val_counts:
         n = train_counts.get(None, 0) + val_counts.get(None, 0)
@@ -64,7 +71,7 @@ def label_map(train_counts: Counter, val_counts: Counter, column: str) -> list[A
             "them, or change the split (val_fraction / split_column)"
         )
     missing = [lab for lab in labels if val_counts.get(lab, 0) == 0]
-    if len(missing) == len(labels):
+    if need_val and len(missing) == len(labels):
         raise InputError("the validation split is empty; lower val_fraction or check split_column")
     return labels
 

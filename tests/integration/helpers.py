@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +78,11 @@ def assert_matches_reference(keys: list[str], vectors: np.ndarray, ref: dict[str
 
 
 def run_child(script: str, args: list[str], timeout: float) -> dict[str, Any]:
-    """Run ``script`` in a fresh Python (its own Ray cluster, apart from the session's Ray); its ``RESULT`` line."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    """Run ``script`` in a fresh Python (its own Ray cluster, own ports and temp dir: tests/isolation.py), killed
+    with its whole process group when it returns or runs past ``timeout``; its ``RESULT`` line."""
+    from tests.isolation import python
+
+    proc = python(["-c", script, *args], timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, proc.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT "):])

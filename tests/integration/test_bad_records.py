@@ -12,10 +12,10 @@ import pytest
 
 from operators.errors import PipelineError
 from pipelines.config import build_config
+from pipelines.demo.sample_data import write_image_tars
 from pipelines.embed.job import run_embed
 from pipelines.publish.manifest import load_manifest
 from pipelines.read.table import read_table
-from pipelines.demo.sample_data import write_image_tars
 from tests.integration.helpers import write_image_files
 
 pytestmark = pytest.mark.usefixtures("ray_local")

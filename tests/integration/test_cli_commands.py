@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.integration.test_submit import ray_head  # noqa: F401  (the session's one Ray head, token auth)
+from tests.isolation import temp_dir
 
 pytestmark = pytest.mark.slow
 
@@ -30,9 +31,10 @@ RAN: set[str] = set()  # the commands run so far (by the tests above the last on
 
 
 def _env(**extra: str) -> dict[str, str]:
-    """A user's shell: no Ray address or auth inherited from the test process, offline models."""
+    """A user's shell: no Ray address or auth inherited from the test process, offline models, and a temp dir of
+    its own for the local Ray a command starts (tests/isolation.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_API_SERVER"))}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+    env.update({"RAY_TMPDIR": temp_dir(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
                 "TOKENIZERS_PARALLELISM": "false", "PATH": f"{BIN}:{env.get('PATH', '')}", "COLUMNS": "200", **extra})
     return env
 
@@ -176,11 +178,12 @@ def test_read_commands(work: dict[str, Any]) -> None:
 def test_learn_commands(work: dict[str, Any]) -> None:
     root, table = work["root"], str(work["table"])
     run = featx("train", "--embeddings", "emb", "--label-column", "label", "--head", "linear", "--output", "head",
-                "--set", "epochs=4", "--set", "num_workers=1", "--set", "cpus_per_worker=0.5",
+                "--set", "cv_folds=3", "--set", "num_workers=1", "--set", "cpus_per_worker=0.5",
                 "--set", "val_fraction=0.3", cwd=root)
-    assert _resolved_config(run.err)["epochs"] == 4
+    assert _resolved_config(run.err)["cv_folds"] == 3
     summary = run.json()
-    assert summary["epochs_run"] >= 1 and summary["train_rows"] + summary["val_rows"] == work["state"]["rows"]
+    assert summary["solver"]["converged"] and summary["cv"]["folds"] == 3 and summary["held_out"]["val_accuracy"] >= 0
+    assert summary["train_rows"] + summary["val_rows"] == work["state"]["rows"]
     assert (root / "head" / "metrics.json").is_file()
 
     pred = featx("predict", "--model", str(root / "head"), "--embeddings", table, "--output", str(root / "pred"),
@@ -189,7 +192,7 @@ def test_learn_commands(work: dict[str, Any]) -> None:
 
     tune_yaml = root / "tune.yaml"  # `featx tune --config tune.yaml` once stopped on a missing public_dict
     tune_yaml.write_text(f"train:\n  embeddings: {table}\n  label_column: label\n  output: {root / 'tune'}\n"
-                         "  val_fraction: 0.3\ngrid:\n  lr: [0.01, 0.1]\ncpus_per_trial: 1\n")
+                         "  head: mlp\n  hidden: 16\n  val_fraction: 0.3\ngrid:\n  lr: [0.01, 0.1]\ncpus_per_trial: 1\n")
     run = featx("tune", "--config", str(tune_yaml), "--set", "train.epochs=3", cwd=root)
     cfg = _resolved_config(run.err)
     assert cfg["train"]["epochs"] == 3 and cfg["grid"] == {"lr": [0.01, 0.1]}

@@ -9,15 +9,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from operators.errors import ConfigError, UnknownModelError
 from pipelines.config import build_config
+from pipelines.demo.sample_data import write_image_tars, write_text_shards
 from pipelines.embed.job import run_embed
 from pipelines.publish.manifest import load_manifest
 from pipelines.read.table import duckdb_connection, read_table
-from pipelines.demo.sample_data import write_image_tars, write_text_shards
-from tests.integration.helpers import write_image_files, write_image_parquet
 from tests.conftest import upload
+from tests.integration.helpers import write_image_files, write_image_parquet
+from tests.isolation import child_env, python
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -255,6 +257,26 @@ def test_errors_before_any_ray_work(tmp_path: Path) -> None:
         run_embed(build_config(None, {"input": str(tmp_path / "empty"), "format": "jsonl", "output": str(tmp_path / "o")}))
 
 
+def test_every_actor_of_a_pool_gets_work(tmp_path: Path, tiny_bert: str) -> None:
+    """Two embedding actors, each with rows, asserted without a race: failpoint ``actors-meet:2`` holds each
+    actor's first block until the other actor has taken one, so the pool must hand work to both (a pool that
+    fed one actor only would leave the first block waiting, and the run with one actor's rows). Runs as a
+    `featx embed` child: the failpoint reaches the actors through the environment of the child's own Ray."""
+    n, extra = _make_input("jsonl", tmp_path / "in")
+    cfg = {"input": str(tmp_path / "in"), "format": "jsonl", "output": str(tmp_path / "o"), "model": f"hf:{tiny_bert}",
+           "num_cpus": 0.5, "preprocess_num_cpus": 0.5, "min_actors": 2, "max_actors": 2, "piece_max_shards": 1,
+           **extra}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    env = child_env({"FEATX_FAILPOINTS": f"actors-meet:2:{tmp_path / 'met'}"})
+    r = python(["-m", "pipelines.cli", "embed", "--config", str(tmp_path / "job.yaml"), "--json"], 400, env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert report["rows_out"] == n and report["resources"]["min_actors"] == 2
+    assert len(report["actor_rows"]) == 2 and all(rows > 0 for rows in report["actor_rows"].values()), report["actor_rows"]
+    assert sum(report["actor_rows"].values()) == n
+    assert len(list((tmp_path / "met").iterdir())) == 2  # both actors reached the meeting point
+
+
 def test_a_pool_that_would_hang_is_refused(tmp_path: Path, tiny_bert: str) -> None:
     _make_input("jsonl", tmp_path / "in")
     cfg = build_config(None, {"input": str(tmp_path / "in"), "format": "jsonl", "output": str(tmp_path / "o"),
@@ -286,7 +308,6 @@ def test_fractional_cpus_two_actors_and_logical_gpus_do_not_hang(tmp_path: Path,
     assert cpu["resources"]["batch_autotune"] is False and cpu["batch_sizes"] == {str(cfg.batch_size): n}
     keys = read_table(str(tmp_path / "cpu"))["key"].to_pylist()
     assert len(keys) == len(set(keys)) == n  # no row lost or doubled by slicing
-    print("rows per actor (GPU-logical run, CPU run):", report["actor_rows"], cpu["actor_rows"])
     # asking for more GPUs than the cluster has is refused up front, not left waiting
     with pytest.raises(ConfigError, match="needs 2 GPUs"):
         run_embed(cfg.model_copy(update={"num_gpus": 1.0, "min_actors": 2, "max_actors": 2, "num_cpus": 0.5,

@@ -22,11 +22,12 @@ import yaml
 from operators.faults import once_marker
 from operators.io.storage import list_files
 from pipelines.config import build_config
+from pipelines.demo.sample_data import write_text_shards
 from pipelines.embed.job import run_embed
 from pipelines.publish.manifest import load_manifest
 from pipelines.read.table import read_table
-from pipelines.demo.sample_data import write_text_shards
 from tests.conftest import upload
+from tests.isolation import child_env, kill_group, popen, run
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
@@ -49,33 +50,16 @@ def _cfg(input_uri: str, output: str, tiny_bert: str, **extra: Any) -> dict[str,
 
 
 def _child_env(failpoints: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-    if failpoints:
-        env["FEATX_FAILPOINTS"] = failpoints
-    return env
-
-
-def _reap(proc: subprocess.Popen) -> None:
-    """Kill what is left of a dead driver's own local Ray (its agents outlive a SIGKILLed driver)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    return child_env({"FEATX_FAILPOINTS": failpoints} if failpoints else None)  # own RAY_TMPDIR, no RAY_ADDRESS
 
 
 def _featx(tmp_path: Path, cfg: dict[str, Any], failpoints: str | None = None, command: str = "embed",
            timeout: int = 300) -> subprocess.CompletedProcess:
+    """``featx COMMAND`` in a child (its own local Ray); its whole process group is killed when it ends: the agents
+    of a SIGKILLed driver's Ray would otherwise outlive it."""
     path = tmp_path / f"job-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", command, "--config", str(path)],
-                            env=_child_env(failpoints), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        _reap(proc)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run([sys.executable, "-m", "pipelines.cli", command, "--config", str(path)], timeout, _child_env(failpoints))
 
 
 def _check_exact(output: str, keys: set[str], errors: set[str] = frozenset(), storage_options: dict | None = None) -> Any:
@@ -129,19 +113,22 @@ def test_driver_killed_from_outside_mid_run_on_s3(tmp_path: Path, tiny_bert: str
     out = f"s3://{s3_bucket}/out"
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(_cfg(src, out, tiny_bert)))
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "embed", "--config", str(path)],
-                            env=_child_env(None), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        s3_fs.invalidate_cache()
-        if any("/journal/" in f for f in list_files(f"{out}/_staging")):
-            proc.send_signal(signal.SIGKILL)  # a real kill at an arbitrary moment of the streaming pass
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=60)
-    _reap(proc)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # the driver holds 20 s once it has journalled its first piece (failpoint driver-pause): the kill from outside
+    # lands while the run is certainly running, whatever the machine's load (no race with the run's end)
+    proc = popen([sys.executable, "-m", "pipelines.cli", "embed", "--config", str(path)],
+                 _child_env("driver-pause:journal:20"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            s3_fs.invalidate_cache()
+            if any("/journal/" in f for f in list_files(f"{out}/_staging")):
+                proc.send_signal(signal.SIGKILL)  # a real kill, from outside, in the middle of the streaming pass
+                break
+            time.sleep(0.05)
+        proc.wait(timeout=60)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == -signal.SIGKILL, "the run was not killed (it ended or never journalled in 240 s)"
     s3_fs.invalidate_cache()
     report = run_embed(build_config(None, _cfg(src, out, tiny_bert)), progress=lambda m: None)
     assert report["pieces_adopted"] >= 1 and report["shards_processed"] + report["shards_adopted"] == SHARDS

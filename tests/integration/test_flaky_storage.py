@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,13 +27,14 @@ import yaml
 
 from operators.errors import StorageError
 from pipelines.config import build_config
-from pipelines.embed.job import run_embed
-from pipelines.read.inspect import check_files
-from pipelines.publish.manifest import load_manifest
-from pipelines.read.table import read_table
 from pipelines.demo.sample_data import write_text_shards
+from pipelines.embed.job import run_embed
+from pipelines.publish.manifest import load_manifest
+from pipelines.read.inspect import check_files
+from pipelines.read.table import read_table
 from tests.conftest import upload
 from tests.flaky_s3 import RANDOM_KINDS, FaultPlan, FlakyS3, Rule
+from tests.isolation import child_env, run
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
@@ -223,10 +223,8 @@ def test_commit_refuses_when_rows_are_lost_between_read_and_write(tmp_path: Path
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
     featx = str(Path(sys.executable).with_name("featx"))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["FEATX_FAILPOINTS"] = "drop-rows:1"
-    r = subprocess.run([featx, "embed", "--config", str(path)], env=env, capture_output=True, text=True, timeout=600,
-                       start_new_session=True)
+    env = child_env({"FEATX_FAILPOINTS": "drop-rows:1"})  # own RAY_TMPDIR, no RAY_ADDRESS
+    r = run([featx, "embed", "--config", str(path)], 400, env)  # killed with its process group when it ends
     text = " ".join(r.stderr.split())
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
     assert "refused to publish" in text and re.search(r"read \d+ records from \d+ shards, but \d+ rows \+ 0 error rows "
@@ -244,6 +242,6 @@ def test_commit_refuses_when_rows_are_lost_between_read_and_write(tmp_path: Path
     pq.write_table(t.slice(0, t.num_rows - 1), victim)
     bad = check_files(str(out), m, {})
     assert not bad["ok"] and any("+1 missing" in p for p in bad["problems"]), bad
-    r = subprocess.run([featx, "inspect", str(out), "--json"], env=env, capture_output=True, text=True, timeout=300)
+    r = run([featx, "inspect", str(out), "--json"], 300, env)
     assert r.returncode == 1 and json.loads(r.stdout)["accounting"]["ok"] is False, r.stderr[-2000:]
 

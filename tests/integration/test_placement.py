@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.read.table import read_table
 from pipelines.demo.sample_data import write_text_shards
+from pipelines.read.table import read_table
 from tests.integration.helpers import assert_matches_reference, reference_embeddings, run_child
 
 pytestmark = pytest.mark.slow
@@ -22,12 +22,12 @@ pytestmark = pytest.mark.slow
 CHILD = textwrap.dedent('''
     import json, sys
     import ray
-    from ray.cluster_utils import Cluster
+    from tests.isolation import LocalCluster
     from pipelines.config import build_config
     from pipelines.embed.job import run_embed
 
     inp, out, model = sys.argv[1:4]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    cluster = LocalCluster(num_cpus=0)  # every node's ports from the block the test gave this child
     cpu_node = cluster.add_node(num_cpus=2, resources={"featx_preprocess": 1000})
     gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
     ray.init(address=cluster.address, log_to_driver=False)

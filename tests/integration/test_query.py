@@ -6,16 +6,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import featx
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import featx
 from operators.errors import InputError
 from pipelines.cli.app import app
 from pipelines.config import build_config
-from pipelines.embed.job import run_embed
 from pipelines.demo.sample_data import write_text_shards
+from pipelines.embed.job import run_embed
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 

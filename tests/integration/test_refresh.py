@@ -15,12 +15,12 @@ import pytest
 from operators.errors import InputError
 from operators.io.storage import list_files
 from pipelines.config import build_config, config_from_output
+from pipelines.demo.sample_data import write_text_shards
 from pipelines.embed.job import run_embed
 from pipelines.publish.lease import LEASE, OutputBusyError
 from pipelines.publish.manifest import load_manifest, load_snapshot
-from pipelines.read.table import read_table
-from pipelines.demo.sample_data import write_text_shards
 from pipelines.publish.status import output_status
+from pipelines.read.table import read_table
 from tests.conftest import upload
 
 pytestmark = pytest.mark.usefixtures("ray_local")

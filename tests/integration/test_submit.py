@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,22 +27,13 @@ import pytest
 
 from tests.conftest import S3_SECRET, upload
 from tests.integration.helpers import assert_matches_reference, reference_embeddings
+from tests.isolation import RayPorts, port_block, run, temp_dir
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CANARY = S3_SECRET  # AWS_SECRET_ACCESS_KEY of the moto server: the job really uses it
-
-
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [int(s.getsockname()[1]) for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -73,22 +63,17 @@ def ray_head(s3_server: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 @contextmanager
 def _running_head() -> Iterator[dict[str, Any]]:
-    """A token-auth Ray head on loopback. Its ports are picked free just before it starts, and another Ray on
-    the machine (the other pytest worker's) may take one in between: a head that dies while starting is
-    started again on fresh ports, up to 3 times, and the error shows the logs of the last try."""
-    errors: list[str] = []
-    for _ in range(3):
-        head = _start_head()
-        if isinstance(head, str):
-            errors.append(head)
-            continue
-        proc, info = head
-        try:
-            yield info
-        finally:
-            _stop_head(proc, info["tmp"])
-        return
-    raise RuntimeError("the Ray head did not start in 3 tries:\n" + "\n---\n".join(errors))
+    """A token-auth Ray head on loopback, every port named from this pytest worker's own range (no other Ray
+    on the machine draws from it: tests/isolation.py), so it starts at the first try or the test fails with
+    its logs."""
+    head = _start_head()
+    if isinstance(head, str):
+        raise RuntimeError("the Ray head did not start:\n" + head)
+    proc, info = head
+    try:
+        yield info
+    finally:
+        _stop_head(proc, info["tmp"])
 
 
 def _start_head() -> tuple[subprocess.Popen, dict[str, Any]] | str:
@@ -98,16 +83,14 @@ def _start_head() -> tuple[subprocess.Popen, dict[str, Any]] | str:
     token = secrets.token_hex(24)
     token_file = tmp / "token"
     token_file.write_text(token)
-    gcs, dash, client, agent, agent_grpc, renv, metrics, nm, om = _ports(9)
+    ports = RayPorts(port_block())  # every port named, from this pytest worker's own range (tests/isolation.py)
+    dash = ports.node(0)["dashboard_port"]
     env = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), HF_HUB_OFFLINE="1",
                      PATH=f"{BIN}:{os.environ.get('PATH', '')}")  # the job's `python` is the venv's
     with open(tmp / "head.log", "wb") as log:
         proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
-             "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-             "--runtime-env-agent-port", str(renv), "--metrics-export-port", str(metrics),
-             "--node-manager-port", str(nm), "--object-manager-port", str(om), "--num-cpus", "2", "--num-gpus", "0",
+            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+             "--dashboard-host", "127.0.0.1", *ports.start_flags(), "--num-cpus", "2", "--num-gpus", "0",
              "--temp-dir", str(tmp / "ray"), "--disable-usage-stats"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(tmp))
     url = f"http://127.0.0.1:{dash}"
@@ -142,7 +125,7 @@ def _stop_head(proc: subprocess.Popen, tmp: Path) -> None:
 
 def _featx(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     exe = [str(BIN / "featx")] if (BIN / "featx").exists() else [sys.executable, "-m", "pipelines.cli"]
-    return subprocess.run(exe + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+    return run(exe + args, timeout, env={"RAY_TMPDIR": temp_dir(), **env}, cwd=str(REPO))
 
 
 def _jobs(head: dict[str, Any], args: list[str]) -> Any:
@@ -162,8 +145,8 @@ def _client(head: dict[str, Any]) -> Any:
 
 def test_submit_embed_job_succeeds_with_token_and_leaks_no_secret(
         ray_head: dict[str, Any], tmp_path: Path, tiny_bert: str, s3_fs: Any, s3_bucket: str) -> None:
-    from pipelines.read.table import read_table
     from pipelines.demo.sample_data import write_text_shards
+    from pipelines.read.table import read_table
 
     info = write_text_shards(tmp_path / "in", fmt="jsonl", shards=3, max_per_topic=4, limit=24)
     src = upload(s3_fs, tmp_path / "in", s3_bucket, "in")

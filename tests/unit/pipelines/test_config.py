@@ -125,8 +125,18 @@ def test_every_job_config_shares_the_base_and_dumps_redacted() -> None:
 
 def test_shared_field_groups_are_declared_once() -> None:
     """A key that several jobs share comes from one field group, with one default and one description."""
-    from pipelines.config import (BackboneFields, ComputeFields, EmbedConfig, FinetuneConfig, HeadFields, InputFields,
-                                  RayFields, StorageFields, TrainConfig, TrainerFields)
+    from pipelines.config import (
+        BackboneFields,
+        ComputeFields,
+        EmbedConfig,
+        FinetuneConfig,
+        HeadFields,
+        InputFields,
+        RayFields,
+        StorageFields,
+        TrainConfig,
+        TrainerFields,
+    )
 
     groups = {StorageFields: (EmbedConfig, TrainConfig, FinetuneConfig), InputFields: (EmbedConfig, FinetuneConfig),
               BackboneFields: (EmbedConfig, FinetuneConfig), ComputeFields: (EmbedConfig, FinetuneConfig),
@@ -158,7 +168,8 @@ def test_the_keys_of_every_job_are_kept() -> None:
                      "torch_threads cpu_streams embed_resources preprocess_resources ray_address",
         TrainConfig: "embeddings label_column output head hidden dropout standardize epochs batch_size lr weight_decay "
                      "class_weighting val_fraction split_column metric patience adapt_to coral_eps num_workers "
-                     "cpus_per_worker use_gpu seed storage_options ray_address",
+                     "cpus_per_worker use_gpu seed storage_options ray_address l2_c cv_grid cv_folds cv_max_rows solver_tol max_iter "
+                     "refit",
         FinetuneConfig: "input format label_column text_column image_column key_column storage_options output model "
                         "weights pooling max_length image_size trust_remote_code head hidden dropout epochs batch_size "
                         "lr_head lr_backbone weight_decay trainable_groups unfreeze class_weighting val_fraction "
@@ -186,7 +197,7 @@ def test_a_saved_config_loads_back_without_its_secrets(tmp_path: Path) -> None:
 def test_dotted_set_keys_reach_inside_and_nested_unknown_keys_name_their_own_fields() -> None:
     from pipelines.config import TuneConfig
 
-    base = {"train": {"embeddings": "/e", "output": "/o"}, "grid": {"lr": [0.1]}}
+    base = {"train": {"embeddings": "/e", "output": "/o", "head": "mlp"}, "grid": {"lr": [0.1]}}
     cfg = build_config(None, {**base, **parse_set(["train.epochs=3", "grid.hidden=[8, 16]"])}, cls=TuneConfig)
     assert cfg.train.epochs == 3 and cfg.train.embeddings == "/e" and cfg.grid == {"lr": [0.1], "hidden": [8, 16]}
     with pytest.raises(ConfigError) as e:

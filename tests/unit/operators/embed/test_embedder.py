@@ -6,10 +6,18 @@ import pyarrow as pa
 import pytest
 
 from operators import columns as C
-from operators.embed.embedder import (_run_splitting, embed_image_bytes, embed_table, even_batches, gather_padded,
-                                length_buckets, pad_ids, token_batches)
-from operators.preprocess.transforms import preprocess_text
+from operators.embed.embedder import (
+    _run_splitting,
+    embed_image_bytes,
+    embed_table,
+    even_batches,
+    gather_padded,
+    length_buckets,
+    pad_ids,
+    token_batches,
+)
 from operators.models.registry import ModelOptions, load, resolve
+from operators.preprocess.transforms import preprocess_text
 
 
 def _text_table(texts: list[str | None]) -> pa.Table:

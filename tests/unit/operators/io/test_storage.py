@@ -7,8 +7,16 @@ from typing import Any
 import pytest
 
 from operators.errors import InputError, StorageError
-from operators.io.storage import (get_fs, is_storage_failure, list_shards, read_object, redact, retries_done,
-                               still_present, write_bytes)
+from operators.io.storage import (
+    get_fs,
+    is_storage_failure,
+    list_shards,
+    read_object,
+    redact,
+    retries_done,
+    still_present,
+    write_bytes,
+)
 from tests.conftest import upload
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from operators.learn.coral import Moments, apply_transform, fit_coral
 from operators.errors import InputError
+from operators.learn.coral import Moments, apply_transform, fit_coral
 from operators.learn.heads import HeadSpec, build_head, features, load_head, save_head
 from operators.learn.metrics import class_weights, confusion, scores
 

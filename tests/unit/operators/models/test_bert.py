@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from operators.models.bert import load_bert_encoder
 from operators.embed.embedder import gather_padded, token_batches
-from operators.preprocess.transforms import tokenizer_for
+from operators.models.bert import load_bert_encoder
 from operators.models.registry import load, resolve
+from operators.preprocess.transforms import tokenizer_for
 
 SENTENCES = ["A cat sat on the mat.", "Ray Data streams blocks between operators.",
              "short", "The quick brown fox jumps over the lazy dog, again and again and again.",

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from operators.errors import ModelLoadError, UnknownModelError
-from operators.preprocess.transforms import decode_image, preprocess_text
 from operators.models.registry import ModelOptions, known_models, load, resolve
+from operators.preprocess.transforms import decode_image, preprocess_text
 
 
 def test_unknown_model_lists_known_names() -> None:

@@ -6,8 +6,16 @@ from pathlib import Path
 import pytest
 
 from operators.errors import ConfigError
-from pipelines.cli.submit import (api_address, job_entrypoint, parse_env, resolve_token, runtime_env, scrub,
-                              secret_values, show_env)
+from pipelines.cli.submit import (
+    api_address,
+    job_entrypoint,
+    parse_env,
+    resolve_token,
+    runtime_env,
+    scrub,
+    secret_values,
+    show_env,
+)
 
 
 def test_token_sources_in_rays_order(tmp_path: Path) -> None:

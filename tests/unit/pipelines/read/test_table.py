@@ -4,19 +4,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import featx
 import numpy as np
 import pyarrow.compute as pc
 import pytest
-
-import featx
-from operators.errors import InputError
 from typer.testing import CliRunner
 
+from operators.errors import InputError
 from pipelines.cli.app import app
+from pipelines.demo.sample_data import write_vector_table
+from pipelines.publish.manifest import load_manifest
 from pipelines.read.index import build_index
 from pipelines.read.inspect import inspect_table
-from pipelines.publish.manifest import load_manifest
-from pipelines.demo.sample_data import write_vector_table
 
 N, DIM = 3000, 24
 LABELS = np.array(["cat", "dog", "eel"])
