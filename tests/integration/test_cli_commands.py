@@ -178,7 +178,8 @@ def test_read_commands(work: dict[str, Any]) -> None:
 def test_learn_commands(work: dict[str, Any]) -> None:
     root, table = work["root"], str(work["table"])
     run = featx("train", "--embeddings", "emb", "--label-column", "label", "--head", "linear", "--output", "head",
-                "--set", "cv_folds=3", "--set", "num_workers=1", "--set", "cpus_per_worker=0.5",
+                "--set", "cv_folds=3", "--set", "cv_grid=[0.01, 1.0]", "--set", "num_workers=1",
+                "--set", "cpus_per_worker=0.5",
                 "--set", "val_fraction=0.3", cwd=root)
     assert _resolved_config(run.err)["cv_folds"] == 3
     summary = run.json()

@@ -69,8 +69,9 @@ def test_probe_beats_random_init_and_adapts_with_coral(tables: dict[str, str], t
     """(featx's probe against scikit-learn's LogisticRegressionCV: tests/integration/test_linear_probe.py.)"""
     from pipelines.learn.predict import run_predict
 
-    probe = _train(tables, "pretrained", str(tmp_path / "probe"))
-    rnd = _train(tables, "random", str(tmp_path / "probe-random"))
+    # a small grid and 3 folds: the probe's CV itself is tested against scikit-learn in test_linear_probe.py
+    probe = _train(tables, "pretrained", str(tmp_path / "probe"), cv_folds=3, cv_grid=[1e-3, 1e-2, 1.0])
+    rnd = _train(tables, "random", str(tmp_path / "probe-random"), l2_c=1.0)
     acc, acc_rnd = probe["held_out"]["val_accuracy"], rnd["held_out"]["val_accuracy"]
     print(f"\nlinear probe (featx, Ray Train x2): pretrained {acc:.3f}, random init {acc_rnd:.3f} on held-out crops; "
           f"chance {1 / len(PHOTOS):.3f}")
@@ -107,7 +108,8 @@ def test_probe_beats_random_init_and_adapts_with_coral(tables: dict[str, str], t
 def test_mlp_stops_early_then_refits_on_all_rows(tables: dict[str, str], tmp_path: Path) -> None:
     from pipelines.learn.predict import run_predict
 
-    mlp = _train(tables, "pretrained", str(tmp_path / "mlp"), head="mlp", hidden=64, epochs=12, patience=4)
+    mlp = _train(tables, "pretrained", str(tmp_path / "mlp"), head="mlp", hidden=32, epochs=6, patience=2,
+                 num_workers=1)
     assert mlp["refit"]["epochs"] == mlp["best_epoch"] and mlp["refit"]["rows"] == mlp["train_rows"] + mlp["val_rows"]
     hist = json.loads((tmp_path / "mlp" / "metrics.json").read_text())["history"]
     assert len(hist) == mlp["epochs_run"] and all({"train_loss", "val_accuracy", "val_macro_f1"} <= set(h) for h in hist)

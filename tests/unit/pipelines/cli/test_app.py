@@ -70,7 +70,7 @@ def _flat(res: object) -> str:
 def test_every_job_command_takes_the_one_config_path(tmp_path: Path) -> None:
     """YAML + flags + --set, validated in one place: a bad key fails the same way, exit 2, for every job."""
     tune_yaml = tmp_path / "tune.yaml"
-    tune_yaml.write_text("train: {embeddings: x, output: y}\ngrid: {lr: [0.1]}\n")
+    tune_yaml.write_text("train: {embeddings: x, output: y, head: mlp}\ngrid: {lr: [0.1]}\n")
     for args in (["embed", "--config", "text-minilm.yaml"], ["refresh", "--config", "text-minilm.yaml"],
                  ["train", "--config", "train-probe.yaml"], ["finetune", "--config", "finetune-minilm.yaml"],
                  ["tune", "--config", str(tune_yaml)]):
@@ -103,7 +103,7 @@ def test_the_resolved_config_is_printed_for_every_job_kind(tmp_path: Path, capsy
     from pipelines.config import JOBS, TuneConfig
 
     tune_yaml = tmp_path / "tune.yaml"
-    tune_yaml.write_text("train: {embeddings: x, output: y, storage_options: {token: CANARY}}\ngrid: {lr: [0.1]}\n")
+    tune_yaml.write_text("train: {embeddings: x, output: y, head: mlp, storage_options: {token: CANARY}}\ngrid: {lr: [0.1]}\n")
     cfg = job_config(TuneConfig, str(tune_yaml), {}, ["train.epochs=2"])
     err = capsys.readouterr().err  # type: ignore[attr-defined]
     printed = _json.loads(err[err.index("{"):])
