@@ -188,6 +188,14 @@ class HeadFields(BaseModel):
     metric: Literal["accuracy", "macro_f1", "loss"] = Field("macro_f1", description="Validation metric for early "
                                                                                     "stopping and the best checkpoint")
 
+    def require_validation(self, what: str) -> None:
+        """For a job that stops early: ``val_fraction`` defaults to 0.2, and a validation split must exist."""
+        if self.val_fraction is None:
+            self.val_fraction = 0.2
+        if self.val_fraction == 0 and not self.split_column:
+            raise ValueError(f"{what} stops early on a validation split: set val_fraction > 0 (e.g. 0.2) or "
+                             "split_column")
+
 
 class TrainerFields(RayFields):
     """Ray Train's data-parallel workers."""
@@ -315,11 +323,11 @@ class TrainConfig(JobConfig, HeadFields, TrainerFields, StorageFields):
 
     @model_validator(mode="after")
     def _held_out(self) -> "TrainConfig":
-        if self.val_fraction is None:
-            self.val_fraction = 0.0 if self.head == "linear" else 0.2
-        if self.head == "mlp" and self.val_fraction == 0 and not self.split_column:
-            raise ValueError("the mlp head stops early on a validation split: set val_fraction > 0 (e.g. 0.2) "
-                             "or split_column")
+        if self.head == "linear":
+            if self.val_fraction is None:  # (assigning re-runs the validators: only when it changes)
+                self.val_fraction = 0.0
+        else:
+            self.require_validation("the mlp head")
         return self
 
 
@@ -344,11 +352,7 @@ class FinetuneConfig(JobConfig, InputFields, BackboneFields, ComputeFields, Head
 
     @model_validator(mode="after")
     def _consistent(self) -> "FinetuneConfig":
-        if self.val_fraction is None:
-            self.val_fraction = 0.2
-        if self.val_fraction == 0 and not self.split_column:
-            raise ValueError("fine-tuning stops early on a validation split: set val_fraction > 0 (e.g. 0.2) or "
-                             "split_column")
+        self.require_validation("fine-tuning")
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("precision 'fp16' needs a GPU (use_gpu: true); use fp32 or bf16 on CPU")
         return self

@@ -173,12 +173,11 @@ def split_datasets(ds: Any, refit: bool = False) -> dict[str, Any]:
     pipeline could then wait forever). ``refit``: "train" holds the validation rows too."""
     from pipelines.learn.labels import VAL, keep_split
 
-    out = {name: ds.map_batches(keep_split, fn_args=(val,), batch_format="pyarrow", batch_size=None).materialize()
-           for name, val in (("train", False), ("val", True))}
-    if refit:
-        out["train"] = ds.map_batches(lambda b: b.drop_columns([VAL]), batch_format="pyarrow",
-                                      batch_size=None).materialize()
-    return out
+    def rows(fn: Any, *args: Any) -> Any:
+        return ds.map_batches(fn, fn_args=args, batch_format="pyarrow", batch_size=None).materialize()
+
+    train = rows(lambda b: b.drop_columns([VAL])) if refit else rows(keep_split, False)
+    return {"train": train, "val": rows(keep_split, True)}
 
 
 def dataset_shards() -> tuple[Any, Any]:

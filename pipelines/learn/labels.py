@@ -23,21 +23,19 @@ TRAIN_WORDS = {"train", "training"}
 VAL_WORDS = {"val", "valid", "validation", "dev", "test"}
 
 
-def is_val_by_hash(keys: Iterable[str], val_fraction: float, seed: int = 0) -> np.ndarray:
-    """True for keys in the validation split: hash(seed, key) / 2^64 < val_fraction."""
-    salt = str(seed).encode()
-    cut = int(val_fraction * 2**64)
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(salt + k.encode(), digest_size=8).digest(), "big") < cut for k in keys),
-        dtype=bool,
-    )
-
-
 def key_hashes(keys: Iterable[str], salt: str) -> np.ndarray:
-    """A stable 64-bit hash per key (blake2b): the same on every worker, run and machine (CV folds)."""
+    """A stable 64-bit hash per key (blake2b of salt + key): the same on every worker, run and machine (the
+    validation split, CV folds)."""
     b = salt.encode()
     return np.fromiter((int.from_bytes(hashlib.blake2b(b + k.encode(), digest_size=8).digest(), "big") for k in keys),
                        dtype=np.uint64)
+
+
+def is_val_by_hash(keys: Iterable[str], val_fraction: float, seed: int = 0) -> np.ndarray:
+    """True for keys in the validation split: hash(seed, key) / 2^64 < val_fraction."""
+    h = key_hashes(keys, str(seed))
+    cut = int(val_fraction * 2**64)
+    return h < np.uint64(cut) if cut < 2**64 else np.ones(len(h), dtype=bool)
 
 
 def is_val_by_column(values: Iterable[Any], column: str) -> np.ndarray:
