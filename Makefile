@@ -27,7 +27,7 @@ demo: install
 # Two pytest workers, one test file each at a time (module fixtures are built once): most tests wait on
 # process and Ray start-up, so two of them share 2 cores well. TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=12
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 # lint-imports first: the layers of shared/DESIGN.md (contracts in pyproject.toml) fail fast, before any test
 test: install

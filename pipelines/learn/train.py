@@ -223,12 +223,12 @@ def linear_loop(config: dict[str, Any]) -> dict[str, Any]:
     h = np.concatenate(hs) if hs else np.zeros(0, np.uint64)
     shard = Shard(x, torch.from_numpy(y), torch.from_numpy(weight), fold_of(h, cfg.cv_folds, sample))
     t0 = time.perf_counter()
-    cv, c = None, cfg.l2_c
+    cv, c, start = None, cfg.l2_c, None
     if c is None:
         cv = cross_validate(shard, spec.n_classes, cfg.cv_folds, cfg.cv_grid, all_reduce, cfg.solver_tol, cfg.max_iter)
-        c = cv.best_c
+        c, start = cv.best_c, cv.start
     t1 = time.perf_counter()
-    sol = solve(shard, spec.n_classes, c, None, all_reduce, None, cfg.solver_tol, cfg.max_iter)
+    sol = solve(shard, spec.n_classes, c, None, all_reduce, start, cfg.solver_tol, cfg.max_iter)
     t2 = time.perf_counter()
     head = build_head(spec)
     head.load_state_dict(to_linear_state(sol))
@@ -244,7 +244,7 @@ def linear_loop(config: dict[str, Any]) -> dict[str, Any]:
               "train_rows": int(train_scores[0]), "train_accuracy": float(train_scores[1] / max(train_scores[0], 1)),
               "workers": ray.train.get_context().get_world_size(), "cv_seconds": round(t1 - t0, 3),
               "fit_seconds": round(t2 - t1, 3)}
-    result = {"solver": solver, "cv": None if cv is None else cv.__dict__,
+    result = {"solver": solver, "cv": None if cv is None else cv.report(),
               "held_out": None if cm.sum() == 0 else {k: v for k, v in held.items() if k.startswith("val_")},
               "confusion": cm.astype(int).tolist(), "w": sol.w.tolist(), "b": sol.b.tolist()}
     metrics = {"c": c, "iterations": sol.iterations, "converged": sol.converged}
