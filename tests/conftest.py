@@ -13,6 +13,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each pytest process (each xdist worker) gets its own RAY_TMPDIR before any Ray starts (tests/isolation.py)."""
+    from tests.isolation import own_ray_tmpdir
+
+    own_ray_tmpdir()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from tests.isolation import remove_temp_dirs
+
+    remove_temp_dirs()
+
 S3_KEY, S3_SECRET = "featx-test-key", "featx-test-secret-CANARY"
 
 

@@ -9,8 +9,11 @@ object manager, dashboard, agents, metrics, client server, and a worker-port ran
 the suite can then never race for a port, and none of them can take a port between a "free" check and
 its bind (``bind``-then-close was how ports were found before; another Ray could take one in between).
 
-Temp dirs. Each Ray gets its own short temp dir (Ray's socket paths must stay under 107 bytes), and each
-child process its own ``RAY_TMPDIR``, so no two Rays share ``ray_current_cluster`` or the port cache.
+Temp dirs. Each Ray gets its own short temp dir (Ray's socket paths must stay under 107 bytes), removed when
+it shuts down; each pytest worker (:func:`own_ray_tmpdir`, from conftest) and each child process its own
+``RAY_TMPDIR``, so no two Rays share ``ray_current_cluster`` or the port cache, and nothing depends on what
+an earlier run left in ``/tmp/ray`` (``Cluster`` writes ``<RAY_TMPDIR or /tmp>/ray/ray_current_cluster``
+without creating its folder: on a machine where no Ray ever ran, every cluster failed to start).
 
 Children. :func:`run` starts a command in its own session and kills its whole process group when it
 returns or runs past its timeout, so a child's Ray (raylet, GCS, agents, workers) never outlives the test.
@@ -70,9 +73,31 @@ def port_block() -> int:
                        "a Ray from an earlier run may still be alive (`ray stop` kills them all)")
 
 
+_made: list[str] = []  # this process's temp dirs, removed at its end (remove_temp_dirs)
+
+
 def temp_dir() -> str:
     """A short, fresh temp dir for one Ray (socket paths under 107 bytes)."""
-    return tempfile.mkdtemp(prefix="fxr-", dir="/tmp")
+    d = tempfile.mkdtemp(prefix="fxr-", dir="/tmp")
+    _made.append(d)
+    return d
+
+
+def remove_temp_dirs() -> None:
+    """Remove every temp dir this process made (a Ray session leaves ~15 MB of logs in each: a suite run made
+    ~40, and runs on one machine filled its disk). Called when pytest ends, after every child was killed."""
+    import shutil
+
+    while _made:
+        shutil.rmtree(_made.pop(), ignore_errors=True)
+
+
+def own_ray_tmpdir() -> str:
+    """This process's own ``RAY_TMPDIR`` (with the ``ray/`` folder Ray writes ``ray_current_cluster`` into)."""
+    d = temp_dir()
+    os.makedirs(os.path.join(d, "ray"))
+    os.environ["RAY_TMPDIR"] = d
+    return d
 
 
 @dataclass
@@ -140,7 +165,10 @@ class LocalCluster:
         self.cluster.remove_node(node, allow_graceful=allow_graceful)
 
     def shutdown(self) -> None:
+        import shutil
+
         self.cluster.shutdown()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def child_env(extra: dict[str, str] | None = None, keep_ray_address: bool = False) -> dict[str, str]:
