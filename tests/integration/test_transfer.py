@@ -68,12 +68,13 @@ def test_probe_beats_random_init_and_adapts_with_coral(tables: dict[str, str], t
     """(featx's probe against scikit-learn's LogisticRegressionCV: tests/integration/test_linear_probe.py.)"""
     from pipelines.learn.predict import run_predict
 
-    # both probes at C = 1: the probe's choice of C by cross-validation is tested against scikit-learn in
-    # test_linear_probe.py; here the difference is the features' (and below, the adaptation's)
-    probe = _train(tables, "pretrained", str(tmp_path / "probe"), l2_c=1.0)
-    rnd = _train(tables, "random", str(tmp_path / "probe-random"), l2_c=1.0)
+    # both probes at C = 1 on one worker: the probe's choice of C by cross-validation, on 1 and 2 workers, is
+    # tested against scikit-learn in test_linear_probe.py; here the difference is the features' (and below,
+    # the adaptation's)
+    probe = _train(tables, "pretrained", str(tmp_path / "probe"), l2_c=1.0, num_workers=1)
+    rnd = _train(tables, "random", str(tmp_path / "probe-random"), l2_c=1.0, num_workers=1)
     acc, acc_rnd = probe["held_out"]["val_accuracy"], rnd["held_out"]["val_accuracy"]
-    print(f"\nlinear probe (featx, Ray Train x2): pretrained {acc:.3f}, random init {acc_rnd:.3f} on held-out crops; "
+    print(f"\nlinear probe (featx, Ray Train): pretrained {acc:.3f}, random init {acc_rnd:.3f} on held-out crops; "
           f"chance {1 / len(PHOTOS):.3f}")
     assert acc - acc_rnd >= 0.2, (acc, acc_rnd)
     # what was saved: safetensors + JSON, the solver's figures
@@ -88,7 +89,8 @@ def test_probe_beats_random_init_and_adapts_with_coral(tables: dict[str, str], t
     # C, so the difference is the adaptation's (cross-validation on the source rows cannot see the target's shift)
     run_predict(str(tmp_path / "probe"), tables["target"], str(tmp_path / "pred-plain"), progress=lambda m: None)
     plain = _accuracy(tmp_path / "pred-plain", tables["target"])
-    adapted = _train(tables, "pretrained", str(tmp_path / "probe-coral"), adapt_to=tables["target"], l2_c=1.0)
+    adapted = _train(tables, "pretrained", str(tmp_path / "probe-coral"), adapt_to=tables["target"], l2_c=1.0,
+                     num_workers=1)
     run_predict(str(tmp_path / "probe-coral"), tables["target"], str(tmp_path / "pred-coral"), progress=lambda m: None)
     coral = _accuracy(tmp_path / "pred-coral", tables["target"])
     print(f"inverted-colour target domain: unadapted head {plain:.3f}, CORAL-adapted head {coral:.3f}")
