@@ -19,15 +19,16 @@ from pipelines.read.table import read_table
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
-PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "horse",
-          "moon", "page", "rocket", "text", "clock")
+PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins")  # 6 classes: what is checked here is
+# which parameters train and which stay frozen, not accuracy (the accuracy of heads: test_transfer.py)
+PER_CLASS = 8
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Parquet with image bytes: 10 train and 10 validation crops per photo (as test_transfer.py's source domain)."""
+    """Parquet with image bytes: 8 train and 8 validation crops per photo (as test_transfer.py's source domain)."""
     root = tmp_path_factory.mktemp("finetune")
-    write_transfer_images(root / "src", train_per_class=10, val_per_class=10, photos=PHOTOS, size=128)
+    write_transfer_images(root / "src", train_per_class=PER_CLASS, val_per_class=PER_CLASS, photos=PHOTOS, size=128)
     return str(root / "src")
 
 
@@ -67,7 +68,7 @@ def test_finetune_efficientnet_freezes_unfreezes_and_registers(photos: str, tmp_
     report = run_embed(build_config(None, {"input": photos, "format": "parquet-images",
                                            "output": str(tmp_path / "re-embedded"), "key_column": "id",
                                            "model": f"finetuned:{out}"}), progress=lambda m: None)
-    assert report["rows_out"] == 2 * 10 * len(PHOTOS)
+    assert report["rows_out"] == 2 * PER_CLASS * len(PHOTOS)
     meta = json.loads(read_table(str(tmp_path / "re-embedded")).schema.metadata[b"featx"])
     assert meta["dim"] == 1280 and meta["model"] == f"finetuned:{out}"
 
