@@ -25,19 +25,6 @@ def pytest_configure(config: pytest.Config) -> None:
     own_ray_tmpdir()
 
 
-# The longest modules (their whole time, fixtures included, in the last clean-clone run: test_transfer ~500 s,
-# test_linear_probe ~460 s, test_cli_commands ~350 s, ...), started first: `make test` sends whole files to its
-# two workers in collection order, and a long file collected last (test_transfer, alphabetically) ran alone for
-# its last minutes while the other worker sat idle. Longest first, the two workers end together.
-LONGEST_FIRST = ("test_transfer.py", "test_linear_probe.py", "test_cli_commands.py", "test_finetune.py",
-                 "test_exactly_once.py", "test_flaky_storage.py")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-
-
 def pytest_unconfigure(config: pytest.Config) -> None:
     from tests.isolation import remove_temp_dirs
 
