@@ -92,12 +92,18 @@ def remove_temp_dirs() -> None:
         shutil.rmtree(_made.pop(), ignore_errors=True)
 
 
-def own_ray_tmpdir() -> str:
-    """This process's own ``RAY_TMPDIR`` (with the ``ray/`` folder Ray writes ``ray_current_cluster`` into)."""
+def ray_tmpdir() -> str:
+    """A fresh ``RAY_TMPDIR`` for one process, with the ``ray/`` folder Ray writes ``ray_current_cluster`` into
+    (``Cluster`` does not create it)."""
     d = temp_dir()
     os.makedirs(os.path.join(d, "ray"))
-    os.environ["RAY_TMPDIR"] = d
     return d
+
+
+def own_ray_tmpdir() -> str:
+    """This process's own ``RAY_TMPDIR`` (:func:`ray_tmpdir`)."""
+    os.environ["RAY_TMPDIR"] = ray_tmpdir()
+    return os.environ["RAY_TMPDIR"]
 
 
 @dataclass
@@ -177,8 +183,7 @@ def child_env(extra: dict[str, str] | None = None, keep_ray_address: bool = Fals
     cluster (:func:`port_block` in the child returns it)."""
     env = {k: v for k, v in os.environ.items() if keep_ray_address or k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
-    env["RAY_TMPDIR"] = temp_dir()
-    os.makedirs(os.path.join(env["RAY_TMPDIR"], "ray"))  # Ray writes ray_current_cluster there, and needs the folder
+    env["RAY_TMPDIR"] = ray_tmpdir()
     env[ENV_BLOCK] = str(port_block())
     env.update(extra or {})
     return env

@@ -14,6 +14,11 @@ from PIL import Image
 
 from pipelines.demo.sample_data import PHOTOS, crops
 
+# the bundled photos the transfer-learning tests classify (one class each; test_transfer, test_linear_probe,
+# test_finetune), in the order their figures were measured with
+TRANSFER_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "horse",
+                   "moon", "page", "rocket", "text", "clock")
+
 
 def write_image_files(folder: str | Path, per_photo: int = 4, photos: tuple[str, ...] = PHOTOS, seed: int = 0,
                       fmt: str = "jpg") -> dict[str, Any]:

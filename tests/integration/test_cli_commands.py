@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.integration.test_submit import ray_head  # noqa: F401  (the session's one Ray head, token auth)
-from tests.isolation import temp_dir
+from tests.isolation import ray_tmpdir
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def _env(**extra: str) -> dict[str, str]:
     """A user's shell: no Ray address or auth inherited from the test process, offline models, and a temp dir of
     its own for the local Ray a command starts (tests/isolation.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_API_SERVER"))}
-    env.update({"RAY_TMPDIR": temp_dir(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+    env.update({"RAY_TMPDIR": ray_tmpdir(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
                 "TOKENIZERS_PARALLELISM": "false", "PATH": f"{BIN}:{env.get('PATH', '')}", "COLUMNS": "200", **extra})
     return env
 

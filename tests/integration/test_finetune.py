@@ -16,11 +16,12 @@ from pipelines.config import FinetuneConfig, build_config
 from pipelines.demo.sample_data import write_transfer_images
 from pipelines.embed.job import run_embed
 from pipelines.read.table import read_table
+from tests.integration.helpers import TRANSFER_PHOTOS
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
-PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins")  # 6 classes: what is checked here is
-# which parameters train and which stay frozen, not accuracy (the accuracy of heads: test_transfer.py)
+PHOTOS = TRANSFER_PHOTOS[:6]  # 6 classes: what is checked here is which parameters train and which stay frozen,
+# not accuracy (the accuracy of heads: test_transfer.py)
 PER_CLASS = 8
 
 

@@ -27,7 +27,7 @@ import pytest
 
 from tests.conftest import S3_SECRET, upload
 from tests.integration.helpers import assert_matches_reference, reference_embeddings
-from tests.isolation import RayPorts, port_block, run, temp_dir
+from tests.isolation import RayPorts, port_block, ray_tmpdir, run
 
 pytestmark = pytest.mark.slow
 
@@ -125,7 +125,7 @@ def _stop_head(proc: subprocess.Popen, tmp: Path) -> None:
 
 def _featx(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     exe = [str(BIN / "featx")] if (BIN / "featx").exists() else [sys.executable, "-m", "pipelines.cli"]
-    return run(exe + args, timeout, env={"RAY_TMPDIR": temp_dir(), **env}, cwd=str(REPO))
+    return run(exe + args, timeout, env={"RAY_TMPDIR": ray_tmpdir(), **env}, cwd=str(REPO))
 
 
 def _jobs(head: dict[str, Any], args: list[str]) -> Any:

@@ -20,11 +20,11 @@ from pipelines.config import TrainConfig, TuneConfig, build_config
 from pipelines.demo.sample_data import write_transfer_images
 from pipelines.embed.job import run_embed
 from pipelines.read.table import read_table
+from tests.integration.helpers import TRANSFER_PHOTOS
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
-PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "horse",
-          "moon", "page", "rocket", "text", "clock")
+PHOTOS = TRANSFER_PHOTOS
 
 
 def _embed(inp: Path, out: Path, **extra: Any) -> str:
