@@ -811,8 +811,10 @@ def featx_case(modality: Modality, folder: Path, out_dir: Path, s: Settings) -> 
         "config": {k: v for k, v in overrides.items() if k not in ("input", "output")},
         "includes": "everything: listing, Ray Data job start, actor start + model load, Parquet, manifest",
     })
-    files = sorted((out_dir / "data").glob("*.parquet"))
-    vecs = vectors_by_key(pa.concat_tables([pq.read_table(f, columns=[C.KEY, C.EMBEDDING]) for f in files])) if files else {}
+    from pipelines.read.table import read_table  # the published snapshot, by its manifest (never a glob of data/)
+
+    published = read_table(str(out_dir), columns=[C.KEY, C.EMBEDDING]) if report["rows_out"] else None
+    vecs = vectors_by_key(published) if published is not None else {}
     return case, vecs
 
 

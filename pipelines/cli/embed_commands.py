@@ -7,7 +7,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.cli.common import CONFIG_HELP, FORMAT_HELP, SET_HELP, featx_errors, job_config, job_run, print_json, say
+from pipelines.cli.common import (CONFIG_HELP, FORMAT_HELP, SET_HELP, STORAGE_HELP, featx_errors, job_config, job_run,
+                                  print_json, say, storage_options)
 
 REPORT_ROWS = ("output", "snapshot", "model", "changes", "shards_total", "shards_processed", "shards_skipped",
                "shards_adopted", "rows_in", "rows_out", "error_rows", "quarantined", "rows_carried", "published_rows",
@@ -71,12 +72,24 @@ def _show_report(report: dict[str, Any], json_out: bool) -> None:
 def status(
     output: str = typer.Argument(..., help="Output URI of a featx table"),
     json_out: bool = typer.Option(False, "--json", help="Print as JSON"),
+    repair: bool = typer.Option(False, "--repair", help="First write the Delta versions the Delta log is missing "
+                                "(a run killed between its manifest and its Delta commit, or a table from before "
+                                "Delta logs); takes the output's lease like any writer"),
+    keep_snapshots: int = typer.Option(5, "--keep-snapshots", min=1, help="With --repair: the output's keep_snapshots "
+                                       "(only kept snapshots get their missing versions)"),
+    storage: list[str] = typer.Option([], "--storage-option", "-o", help=STORAGE_HELP),
 ) -> None:
-    """What is published (snapshot, shards, rows, errors, model) and the history of runs."""
+    """What is published (snapshot, Delta version, shards, rows, errors, model) and the history of runs."""
     from pipelines.publish.status import RUN_FIELDS, output_status
+    from pipelines.publish.status import repair as repair_delta
 
     with featx_errors():
-        st = output_status(output)
+        if repair:
+            fixed = repair_delta(output, storage_options(storage), keep_snapshots=keep_snapshots)
+            if not json_out:
+                Console().print(f"repair: {len(fixed['written'])} Delta versions written "
+                                f"{fixed['written'] or ''}".rstrip())
+        st = output_status(output, storage_options(storage))
     if json_out:
         print_json(st)
         return
@@ -87,7 +100,7 @@ def status(
     else:
         t = Table(title=f"{output}: snapshot {pub['snapshot']}", show_header=False)
         for k, v in pub.items():
-            t.add_row(k, str(v))
+            t.add_row(k, delta_line(v) if k == "delta" else str(v))
         out.print(t)
     if st.get("running"):
         r = st["running"]
@@ -97,3 +110,14 @@ def status(
     for r in st["runs"]:
         runs.add_row(*[str(r.get(k)) for k in RUN_FIELDS])
     out.print(runs)
+
+
+def delta_line(d: dict) -> str:
+    """The Delta log next to the snapshot, in words."""
+    if d.get("skipped") or d.get("error"):
+        return f"none: {d.get('skipped') or d.get('error')}"
+    if d.get("version") is None:
+        return "no Delta log yet: the next run, or featx status --repair, writes it"
+    state = "in sync" if d["in_sync"] else "BEHIND the manifest: run featx status --repair"
+    return f"version {d['version']} (shows snapshot {d['snapshot']}; {state})"
+

@@ -40,9 +40,12 @@ def run_demo(folder: str | Path = "featx-demo", say: Callable[[str], None] = pri
         say(f"        {score:6.3f}  {lab:<24} {k}")
     dim = con.execute("SELECT len(embedding) FROM embeddings LIMIT 1").fetchone()[0]
     say("")
-    say(f"Parquet: {img_out}/data/  and  {txt_out}/data/  (published files listed in _manifest.json)")
+    say(f"Delta Lake tables: {img_out}  and  {txt_out}  (each featx snapshot is one Delta version; never glob "
+        "the data folder: it keeps older snapshots' files for time travel)")
     say("Try it yourself:")
-    say(f"  duckdb -c \"SELECT key, label, array_cosine_similarity(embedding::FLOAT[{dim}], "
-        f"(SELECT embedding::FLOAT[{dim}] FROM read_parquet('{txt_out}/data/*.parquet') LIMIT 1)) AS s "
-        f"FROM read_parquet('{txt_out}/data/*.parquet') ORDER BY s DESC LIMIT 5\"")
+    say(f"  featx sql {txt_out} \"SELECT label, count(*) FROM embeddings GROUP BY 1\"")
+    say(f"  python -c \"import polars as pl; print(pl.read_delta('{txt_out}', use_pyarrow=True).head())\"")
+    say(f"  duckdb -c \"INSTALL delta; LOAD delta; SELECT key, label, array_cosine_similarity(embedding::FLOAT[{dim}], "
+        f"(SELECT embedding::FLOAT[{dim}] FROM delta_scan('{txt_out}') LIMIT 1)) AS s "
+        f"FROM delta_scan('{txt_out}') ORDER BY s DESC LIMIT 5\"")
     return {"images": img_report, "text": txt_report, "neighbours": rows}

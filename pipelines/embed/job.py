@@ -26,6 +26,7 @@ from pipelines.embed.report import LIST_CAP, RunReport, account, new_parts, save
 from pipelines.embed.stream import embed_actor_args, read_preprocessing, stream_pieces
 from pipelines.embed.tracker import Tracker
 from pipelines.publish.commit import Staging, adoptable, clean_up, commit_run
+from pipelines.publish.delta import mirror
 from pipelines.publish.lease import Lease
 from pipelines.publish.manifest import load_manifest, now
 
@@ -88,6 +89,8 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
     if report.command == "refresh" and previous is None:
         raise InputError(f"nothing is published at {cfg.output!r} yet, so there is nothing to refresh; "
                          "run `featx embed` with this config first")
+    # a run killed between its manifest and its Delta commit, or a table from before Delta logs: catch up first
+    report.delta = mirror(cfg.output, previous, so, cfg.keep_snapshots, progress)
     shards: list[Shard] = list_shards(cfg.input, FORMATS[cfg.format].extensions, so, cfg.shard_fingerprint)
     pieces = plan_pieces(shards, cfg.piece_max_shards, int(cfg.piece_target_mb * (1 << 20)))
     base = previous if previous and previous.get("content_fingerprint") == cfp else None
@@ -150,6 +153,9 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
                              "embedding_dtype": cfg.embedding_dtype, "input_uri": cfg.input, "input_format": cfg.format},
             storage_options=so, keep_snapshots=cfg.keep_snapshots, planned=[s.uri for s in shards], progress=progress,
         )
+        caught_up = report.delta.get("written", [])
+        report.delta = mirror(cfg.output, manifest, so, cfg.keep_snapshots, progress)  # right after the manifest
+        report.delta["written"] = caught_up + report.delta.get("written", [])
     else:
         manifest = previous
         progress(f"nothing changed since snapshot {previous['snapshot']}: nothing to publish")

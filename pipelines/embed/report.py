@@ -62,6 +62,7 @@ class RunReport:
     resources: dict[str, Any] = field(default_factory=dict)
     operators: list[str] = field(default_factory=list)  # Ray Data's physical operators, as executed
     cleanup: dict[str, int] = field(default_factory=dict)
+    delta: dict[str, Any] = field(default_factory=dict)  # the Delta log after the run (pipelines.publish.delta)
     lease_taken_over: str = ""
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,9 +12,11 @@ The protocol, for one output (one writer at a time, see :mod:`pipelines.publish.
    files, counted from the files' own footers; every listed shard in exactly one piece), else refuse
    (:class:`CommitRefused`, nothing published); move each staged file to its final name (``data/...``, ``_errors/...``); write the numbered snapshot, then
    ``_manifest.json`` in one whole-object write. Readers follow the manifest, so they see the old snapshot
-   or the new one, never a mix, and never a file that no manifest lists.
+   or the new one, never a mix, and never a file that no manifest lists. Right after, the snapshot becomes
+   the next version of the Delta log at OUTPUT (:mod:`pipelines.publish.delta`); a run that finds the Delta
+   log behind the manifest writes the missing versions first.
 4. Clean up: delete every staging prefix (this run's and crashed runs'), and data files that neither the
-   new manifest nor the last ``keep_snapshots`` snapshots list.
+   new manifest, nor the last ``keep_snapshots`` snapshots, nor the Delta log's latest version list.
 
 A crash at any point leaves only unpublished files, which the next run adopts (journalled pieces; files
 already moved are found at their final names) or deletes.
@@ -30,6 +32,7 @@ from operators.errors import CommitRefused, PipelineError, StorageError
 from operators.faults import failpoint
 from operators.io.parquet import parquet_rows
 from operators.io.storage import delete, join, list_files, move, read_bytes, write_bytes
+from pipelines.publish.delta import current_files
 from pipelines.publish.lease import Lease
 from pipelines.publish.manifest import build_manifest, commit, load_manifest, load_snapshot, now
 
@@ -247,9 +250,15 @@ def referenced_files(output: str, manifest: dict[str, Any] | None, keep_snapshot
 
 def clean_up(output: str, manifest: dict[str, Any] | None, keep_snapshots: int,
              storage_options: dict[str, Any]) -> dict[str, int]:
-    """Delete staging prefixes and unreferenced data/error files. Call only while holding the lease."""
+    """Delete staging prefixes and unreferenced data/error files (those of no kept snapshot and not in the Delta
+    log's latest version). Call only while holding the lease."""
     staged = [join(output, STAGING, p) for p in list_files(join(output, STAGING), storage_options)]
     refs = referenced_files(output, manifest, keep_snapshots, storage_options)
+    try:  # a Delta log behind the manifest still shows the previous snapshot's files: they stay
+        refs |= current_files(output, storage_options) or set()
+    except StorageError:  # the Delta log cannot be read: delete no data file it might list
+        delete(staged, storage_options)
+        return {"staging_files": len(staged), "unreferenced_files": 0}
     garbage = [join(output, "data", p) for p in list_files(join(output, "data"), storage_options)
                if f"data/{p}" not in refs]
     garbage += [join(output, "_errors", p) for p in list_files(join(output, "_errors"), storage_options)

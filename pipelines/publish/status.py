@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from operators.errors import InputError
+from operators.errors import InputError, StorageError
 from operators.io.storage import get_fs, join, retry
 from pipelines.publish.manifest import load_manifest
 
@@ -29,10 +29,42 @@ def output_status(output: str, storage_options: dict[str, Any] | None = None, la
             "input": manifest["input"], "shards": manifest["shards"], "pieces": len(manifest["pieces"]),
             "data_files": len(manifest["files"]), "rows": manifest["rows"], "error_rows": manifest["error_rows"],
             "bytes": sum(f.get("bytes", 0) for f in manifest["files"]),
+            "delta": _delta(output, manifest, storage_options),
         }
     running = None if holder is None else {"run_id": holder.run_id, "host": holder.host, "pid": holder.pid,
                                            "stale": is_stale(holder), "what": holder.describe()}
     return {"output": output, "published": published, "running": running, "runs": runs}
+
+
+def _delta(output: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The Delta version next to the snapshot (pipelines.publish.delta); a log that cannot be read says so."""
+    from pipelines.publish.delta import state
+
+    try:
+        return state(output, manifest, storage_options)
+    except StorageError as e:
+        return {"version": None, "snapshot": None, "in_sync": False, "error": str(e)}
+
+
+def repair(output: str, storage_options: dict[str, Any] | None = None, keep_snapshots: int = 5,
+           lease_ttl_s: float = 600.0) -> dict[str, Any]:
+    """`featx status --repair`: write the Delta versions the log is missing (a run killed between its manifest
+    and its Delta commit; a table from before Delta logs), under the output's lease like any writer."""
+    import time
+    import uuid
+
+    from pipelines.publish.delta import sync
+    from pipelines.publish.lease import Lease
+
+    manifest = load_manifest(output, storage_options)
+    if manifest is None:
+        raise InputError(f"nothing is published at {output!r} (no _manifest.json): nothing to repair")
+    lease = Lease(output, f"repair-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}", lease_ttl_s,
+                  storage_options).acquire()  # a running job holds it: it writes the Delta versions itself
+    try:
+        return sync(output, manifest, storage_options, keep_snapshots)
+    finally:
+        lease.release()
 
 
 def _runs(output: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:

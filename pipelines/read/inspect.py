@@ -30,7 +30,8 @@ def inspect_table(output: str, snapshot: int | None = None, color: str | None = 
         raise InputError(f"--color {color!r} is not a column of {output!r}; columns: {', '.join(schema.names)}")
     footer = _footer_metadata(table)
     report: dict[str, Any] = {
-        "output": output, "snapshot": table.snapshot, "latest_snapshot": table.latest_snapshot,
+        "output": output, "snapshot": table.snapshot, "delta_version": table.delta_version,
+        "latest_snapshot": table.latest_snapshot,
         "snapshots_kept": sorted(int(p.split(".")[0]) for p in list_files(join(output, SNAPSHOTS), so) if p.endswith(".json")),
         "created": m.get("created"), "run_id": m.get("run_id"), "input": m.get("input"),
         "model": m.get("model"), "content_fingerprint": m.get("content_fingerprint"),

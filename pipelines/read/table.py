@@ -78,8 +78,9 @@ def _open(output: str, snapshot: int | None, so: dict[str, Any]) -> "FeatxTable"
     table = FeatxTable(output, manifest, so, latest=current["snapshot"])
     missing = [f for f in table.files[:1] if read_bytes_head(f, so) is None]
     if missing:
-        raise InputError(f"snapshot {snapshot} of {output!r} is listed but its data files were cleaned up "
-                         "(only the newest keep_snapshots snapshots keep their files); read a newer snapshot")
+        raise InputError(f"snapshot {snapshot} of {output!r} is listed but its data files are gone (only the newest "
+                         "keep_snapshots snapshots keep their files, and a Delta VACUUM removes those of older "
+                         "versions); read a newer snapshot")
     return table
 
 
@@ -112,6 +113,15 @@ class FeatxTable:
         self.cache_mb: float = 0.0  # > 0: keep the vectors in memory after the first search if they fit
         self._cache: list[tuple[np.ndarray, pa.Table, np.ndarray]] | None = None
         self.indexes: dict[Any, Any] = {}  # FAISS indexes loaded for this handle (pipelines.read.stored_index)
+
+    @property
+    def delta_version(self) -> int | None:
+        """The Delta Lake version at ``output`` that shows this snapshot: ``deltalake.DeltaTable(output,
+        version=t.delta_version)`` (Spark ``versionAsOf``) reads exactly these rows. None while the Delta log is
+        behind (``featx status --repair``) or for tables without one (float16 vectors, stores delta-rs lacks)."""
+        from pipelines.publish.delta import version_of
+
+        return version_of(self.output, self.snapshot, self.storage_options)
 
     def __repr__(self) -> str:
         return (f"FeatxTable({self.output!r}, snapshot={self.snapshot}, rows={self.rows}, dim={self.dim}, "

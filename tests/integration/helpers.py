@@ -91,3 +91,56 @@ def run_child(script: str, args: list[str], timeout: float) -> dict[str, Any]:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, proc.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def assert_delta_readers_agree(output: str, storage_options: dict[str, Any] | None = None,
+                               expected_keys: set[str] | None = None, snapshot: int | None = None) -> int:
+    """Every reader a user would point at the Delta table returns exactly the featx snapshot's rows and vectors:
+    deltalake (Arrow dataset and pandas), Polars (through pyarrow, and natively over the version's files),
+    DuckDB over the Arrow dataset (the array cast back to FLOAT[dim]) and Ray Data's ``read_delta``.
+    Returns the Delta version read (the latest, or the one that shows ``snapshot``)."""
+    import duckdb
+    import polars as pl
+    import ray
+    from deltalake import DeltaTable
+
+    import featx
+    from pipelines.publish.delta import location, version_of
+
+    table = featx.open(output, snapshot=snapshot, storage_options=storage_options)
+    want = table.to_arrow(["key", "embedding"])
+    want_rows = dict(zip(want["key"].to_pylist(), np.asarray(want["embedding"].to_pylist(), np.float32)))
+    if expected_keys is not None:
+        assert set(want_rows) == expected_keys
+    version = version_of(output, table.snapshot, storage_options)
+    assert version is not None, f"no Delta version shows snapshot {table.snapshot}"
+    uri, dso = location(output, storage_options)
+    dt = DeltaTable(uri, version=version, storage_options=dso)
+    assert dt.transaction_version("featx") == table.snapshot
+
+    def same(name: str, keys: list[Any], vectors: Any) -> None:
+        assert len(keys) == len(set(keys)), f"{name}: a key twice"
+        assert set(keys) == set(want_rows), f"{name}: {len(set(keys) ^ set(want_rows))} keys differ"
+        got = np.asarray([np.asarray(v, np.float32) for v in vectors])
+        np.testing.assert_array_equal(got, np.stack([want_rows[k] for k in keys]), err_msg=name)
+
+    ds = dt.to_pyarrow_dataset()
+    t = ds.to_table(columns=["key", "embedding"])
+    same("deltalake dataset", t["key"].to_pylist(), t["embedding"].to_pylist())
+    df = dt.to_pandas(columns=["key", "embedding"])
+    same("pandas", df["key"].tolist(), df["embedding"].tolist())
+    p = pl.read_delta(uri, version=version, storage_options=dso, use_pyarrow=True).select("key", "embedding")
+    same("polars (use_pyarrow)", p["key"].to_list(), p["embedding"].to_list())
+    if dso is None:  # natively Polars reads the version's files as they are (Array(Float32, dim))
+        p = pl.scan_parquet(dt.file_uris()).select("key", "embedding").collect()
+        same("polars scan_parquet(file_uris)", p["key"].to_list(), p["embedding"].to_list())
+    con = duckdb.connect()
+    con.register("delta_ds", ds)
+    d = con.sql(f"SELECT key, embedding::FLOAT[{table.dim}] AS embedding FROM delta_ds").arrow()
+    d = d.read_all() if hasattr(d, "read_all") else d
+    same("duckdb", d["key"].to_pylist(), d["embedding"].to_pylist())
+    assert ray.is_initialized()
+    r = ray.data.read_delta(uri, version=version, storage_options=dso).select_columns(["key", "embedding"]).to_arrow_refs()
+    r = pa.concat_tables(ray.get(r))
+    same("ray.data.read_delta", r["key"].to_pylist(), r["embedding"].to_pylist())
+    return version

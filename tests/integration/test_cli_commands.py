@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,6 +152,14 @@ def test_embed_refresh_status(work: dict[str, Any]) -> None:
     assert [(r["command"], r["status"]) for r in st["runs"]] == [("embed", "succeeded"), ("refresh", "succeeded")]
     table_view = featx("status", str(table), cwd=root)
     assert "snapshot 2" in table_view.out and "runs" in table_view.out
+    version = st["published"]["delta"]["version"]
+    assert st["published"]["delta"] == {"version": version, "snapshot": 2, "in_sync": True}
+    assert f"version {version} (shows snapshot 2; in sync)" in table_view.out
+    # a table from before Delta logs (its log removed here): status says so, --repair writes it from snapshot 2
+    shutil.rmtree(table / "_delta_log")
+    assert "no Delta log yet" in featx("status", str(table), cwd=root).out
+    repaired = featx("status", str(table), "--repair", cwd=root)
+    assert "repair: 1 Delta versions written" in repaired.out and "shows snapshot 2; in sync" in repaired.out
 
 
 def test_read_commands(work: dict[str, Any]) -> None:
@@ -163,6 +172,7 @@ def test_read_commands(work: dict[str, Any]) -> None:
 
     rep = featx("inspect", table, "--json", "--plot", str(root / "map.png"), "--color", "label", cwd=root).json()
     assert rep["healthy"] is True and rep["rows"] == rows and (root / "map.png").stat().st_size > 0
+    assert rep["snapshot"] == 2 and rep["delta_version"] == 1  # repaired from snapshot 2: created (0), then 1
 
     meta = featx("index", table, "--kind", "ivf", "--metric", "cosine", cwd=root).json()
     assert meta["rows"] == rows and meta["params"]["nlist"] == 1  # sqrt(rows), at most rows / 39: as --help says

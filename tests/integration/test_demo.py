@@ -1,6 +1,9 @@
 """`featx demo`: real weights end to end on the bundled sample data, with a DuckDB query at the end."""
 from __future__ import annotations
 
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +37,15 @@ def test_demo_embeds_real_images_and_text(tmp_path: Path) -> None:
     assert _nearest_neighbour_agreement(np.stack(list(random_init.values())), [by_key[k] for k in random_init]) <= 0.9
     text_manifest = load_manifest(str(tmp_path / "demo" / "output" / "text"))
     assert text_manifest["dim"] == 384 and text_manifest["rows"] == txt["rows_in"] > 500
-    # the query's nearest neighbour is itself, and the printed guide names the Parquet and the cast
+    # the query's nearest neighbour is itself, and the printed guide reads the Delta table (never a glob) with the cast
     assert result["neighbours"][0][2] == pytest.approx(1.0, abs=1e-4)
     out = "\n".join(lines)
-    assert "FLOAT[384]" in out and "data/" in out
+    assert "FLOAT[384]" in out and "delta_scan(" in out and "*.parquet" not in out and "data/" not in out
+    polars_line = next(line.strip() for line in lines if line.strip().startswith("python -c"))
+    printed = subprocess.run([sys.executable, *shlex.split(polars_line)[1:]], capture_output=True, text=True,
+                             timeout=120)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    assert "shape: (5," in printed.stdout and "embedding" in printed.stdout  # the printed command works as printed
 
 
 def _nearest_neighbour_agreement(vectors: np.ndarray, labels: list[Any]) -> float:

@@ -27,6 +27,7 @@ from pipelines.embed.job import run_embed
 from pipelines.publish.manifest import load_manifest
 from pipelines.read.table import read_table
 from tests.conftest import upload
+from tests.integration.helpers import assert_delta_readers_agree
 from tests.isolation import child_env, kill_group, popen, run
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
@@ -139,7 +140,8 @@ def test_driver_killed_from_outside_mid_run_on_s3(tmp_path: Path, tiny_bert: str
 
 
 @pytest.mark.parametrize("point,where", [("commit-mid-move", "s3"), ("commit-before-manifest", "s3"),
-                                         ("commit-after-manifest", "local")])
+                                         ("commit-after-manifest", "local"), ("commit-before-delta", "local"),
+                                         ("commit-before-delta", "s3")])
 def test_driver_killed_during_commit(point: str, where: str, tmp_path: Path, tiny_bert: str, s3_fs: Any,
                                      s3_bucket: str, clean_run: dict[str, Any]) -> None:
     keys = _input(tmp_path / "in")
@@ -162,27 +164,49 @@ def test_driver_killed_during_commit(point: str, where: str, tmp_path: Path, tin
     if where == "s3":
         s3_fs.invalidate_cache()
     m = load_manifest(out)
-    if point == "commit-after-manifest":
+    committed = point in ("commit-after-manifest", "commit-before-delta")
+    if committed:
         assert m["snapshot"] == 2  # the commit itself was done: published, garbage left behind
         _check_exact(out, keys)
+        # killed between the manifest and the Delta commit: Delta readers still see exactly snapshot 1, never a mix
+        assert _delta_keys(out) == (1, old_keys)
     else:
         # readers that follow the manifest still see exactly the first snapshot, though new files exist
         assert m["snapshot"] == first["snapshot"] == 1
         _check_exact(out, old_keys)
         if point == "commit-mid-move":
             assert len(list_files(f"{out}/data")) > len(m["files"])  # moved, unlisted, invisible
+        assert _delta_keys(out) == (1, old_keys)
     report = run_embed(build_config(None, cfg), progress=lambda m: None)
-    if point == "commit-after-manifest":
+    if committed:
         assert report["shards_processed"] == 0 and report["snapshot"] == 2 and report["lease_taken_over"]
+        assert len(report["delta"]["written"]) == 1  # the rerun wrote the missing Delta version first
     else:
         assert report["pieces_adopted"] == 2 and report["shards_processed"] == 0 and report["snapshot"] == 2
     _same_vectors(_check_exact(out, keys), clean_run["table"])
+    # Delta, featx and the manifest agree row for row (every Delta reader, where the kill was at the Delta step)
+    assert _delta_keys(out) == (2, keys)
+    if point == "commit-before-delta":
+        assert_delta_readers_agree(out, expected_keys=keys)
     if where == "s3":
         s3_fs.invalidate_cache()
     assert list_files(f"{out}/_staging") == []
     published = {f["path"] for f in load_manifest(out)["files"]}
     first_files = {f["path"] for f in json.loads(_read(out, "_manifests/00000001.json"))["files"]}
     assert {f"data/{p}" for p in list_files(f"{out}/data")} == published | first_files  # no garbage data files
+
+
+def _delta_keys(output: str) -> tuple[int | None, set[str]]:
+    """The snapshot the Delta table's latest version shows, and its keys (read by deltalake)."""
+    from deltalake import DeltaTable
+
+    from pipelines.publish.delta import location
+
+    uri, dso = location(output, None)
+    dt = DeltaTable(uri, storage_options=dso)
+    keys = dt.to_pyarrow_dataset().to_table(columns=["key"])["key"].to_pylist()
+    assert len(keys) == len(set(keys)), "a key twice in the Delta table"
+    return dt.transaction_version("featx"), set(keys)
 
 
 def _read(output: str, rel: str) -> bytes:

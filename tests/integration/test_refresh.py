@@ -22,6 +22,7 @@ from pipelines.publish.manifest import load_manifest, load_snapshot
 from pipelines.publish.status import output_status
 from pipelines.read.table import read_table
 from tests.conftest import upload
+from tests.integration.helpers import assert_delta_readers_agree
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -56,6 +57,7 @@ def test_refresh_embeds_only_new_and_changed_shards(tmp_path: Path, tiny_bert: s
     first = run_embed(_cfg(str(inp), out, tiny_bert), progress=lambda m: None)
     assert first["shards_processed"] == 20 and first["snapshot"] == 1
     before = _vectors(out)
+    v1 = assert_delta_readers_agree(out, expected_keys=set(before))  # every Delta reader sees exactly snapshot 1
     pieces_before = len(load_manifest(out)["pieces"])
     assert pieces_before < 20  # small shards are grouped into scan-sized files
 
@@ -72,6 +74,8 @@ def test_refresh_embeds_only_new_and_changed_shards(tmp_path: Path, tiny_bert: s
     expected = set(before) - {"s03.jsonl#d3-1", "s03.jsonl#d3-2"} - {f"s07.jsonl#h7-{r}" for r in range(3)}
     expected |= {"s20.jsonl#new-1", "s20.jsonl#new-2", "s03.jsonl#d3-changed"}
     assert _keys(out) == expected and report["snapshot"] == 2
+    v2 = assert_delta_readers_agree(out, expected_keys=expected)  # added, changed and removed shards, in Delta too
+    assert v2 == v1 + 1 and report["delta"]["in_sync"] and report["delta"]["written"] == [v2]
     after = _vectors(out)
     for k in set(before) & set(after):  # untouched rows keep their exact vectors
         np.testing.assert_array_equal(after[k], before[k])
@@ -82,6 +86,7 @@ def test_refresh_embeds_only_new_and_changed_shards(tmp_path: Path, tiny_bert: s
     # nothing changed: nothing embedded, no new snapshot
     again = run_embed(_cfg(str(inp), out, tiny_bert), progress=lambda m: None, command="refresh")
     assert again["shards_processed"] == 0 and again["snapshot"] == 2 and again["rows_carried"] == 0
+    assert again["delta"]["written"] == [] and again["delta"]["version"] == v2
 
     # a model change (pooling) re-embeds everything into a new snapshot: old vectors are never mixed in
     changed_model = run_embed(_cfg(str(inp), out, tiny_bert, pooling="cls"), progress=lambda m: None, command="refresh")
@@ -90,8 +95,12 @@ def test_refresh_embeds_only_new_and_changed_shards(tmp_path: Path, tiny_bert: s
     assert m["snapshot"] == 3 and m["model"]["pooling"] == "cls"
     assert not {f["path"] for f in m["files"]} & {f["path"] for f in load_snapshot(out, 2)["files"]}
     assert _keys(out) == expected
+    v3 = assert_delta_readers_agree(out, expected_keys=expected)
+    # time travel: each kept snapshot's Delta version holds exactly its rows
+    assert assert_delta_readers_agree(out, snapshot=1) == v1 and assert_delta_readers_agree(out, snapshot=2) == v2
 
     st = output_status(out)
+    assert st["published"]["delta"] == {"version": v3, "snapshot": 3, "in_sync": True}
     assert [r["command"] for r in st["runs"]] == ["embed", "refresh", "refresh", "refresh"]
     assert [r["shards_processed"] for r in st["runs"]] == [20, 2, 0, 20]
     assert st["published"]["snapshot"] == 3 and st["running"] is None
@@ -143,6 +152,12 @@ def test_refresh_on_s3_with_etags(tmp_path: Path, tiny_bert: str, s3_fs: Any, s3
     keys = _keys(out)
     assert "part-00002.jsonl#z" in keys and not any(k.startswith(("part-00004", "part-00002.jsonl#t")) for k in keys)
     assert len(keys) == 24 - 4 - 4 + 1
+    v2 = assert_delta_readers_agree(out, expected_keys=keys)  # on the S3 server, credentials from the environment
+    # a model change on S3: a new schema version; the old snapshot stays readable at its version
+    report = run_embed(_cfg(src, out, tiny_bert, pooling="cls"), progress=lambda m: None, command="refresh")
+    assert report["snapshot"] == 3 and report["delta"]["in_sync"]
+    assert assert_delta_readers_agree(out, expected_keys=keys) > v2
+    assert assert_delta_readers_agree(out, snapshot=2) == v2
 
 
 def test_a_second_run_on_the_same_output_refuses_while_the_first_runs(tmp_path: Path, tiny_bert: str) -> None:

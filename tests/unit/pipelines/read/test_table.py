@@ -137,7 +137,7 @@ def test_readers_see_old_snapshot_until_commit_then_time_travel(tmp_path: Path) 
         featx.open(out, snapshot=7)
     for f in first["files"]:  # a clean-up removed snapshot 1's files
         (Path(out) / f["path"]).unlink()
-    with pytest.raises(InputError, match="cleaned up"):
+    with pytest.raises(InputError, match="data files are gone"):
         featx.open(out, snapshot=1)
     with pytest.raises(InputError, match="nothing is published"):
         featx.open(str(tmp_path / "empty"))
