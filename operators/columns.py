@@ -10,6 +10,7 @@ import pyarrow as pa
 KEY = "key"
 SOURCE = "source_uri"
 EMBEDDING = "embedding"
+CONTENT_HASH = "content_hash"  # BLAKE2b-128 of the record's input bytes as read (operators/read/content.py)
 
 PAYLOAD = "_payload"  # raw record: image bytes (binary) or text (string)
 INPUT = "_input"  # preprocessed: uint8 HxWx3 crop (fixed_size_binary) or token ids (list<int32>)
@@ -19,6 +20,9 @@ PIECE_ROWS = "_piece_rows"  # how many records the piece's shards held when read
 # commit checks (read = published + error rows); one dictionary-encoded value per block
 SHARD_ROWS = "_shard_rows"
 RETRIES = "_retries"  # storage retries the read stage needed (on the block's first row; the sink adds its own)
+REUSE = "_reuse"  # the stored vector of a record whose content the published snapshot holds (float32), else null
+HOW = "_how"  # how the row got its vector: 0 embedded, 1 reused from the snapshot, 2 copied from the same content
+HOW_EMBEDDED, HOW_REUSED, HOW_DEDUPED = 0, 1, 2
 ERR_STAGE = "_err_stage"  # read | decode | preprocess | embed; null when the row is fine
 ERR_TYPE = "_err_type"
 ERR_MSG = "_err_msg"
@@ -39,6 +43,7 @@ ERROR_SCHEMA = pa.schema(
     [
         pa.field(KEY, pa.string()),
         pa.field(SOURCE, pa.string()),
+        pa.field(CONTENT_HASH, pa.binary(16)),
         pa.field("stage", pa.string()),
         pa.field("error_type", pa.string()),
         pa.field("message", pa.string()),

@@ -227,6 +227,10 @@ class EmbedConfig(JobConfig, InputFields, BackboneFields, ComputeFields, RayFiel
         "(content hash where the store has none); content = always hash the bytes")
     keep_snapshots: int = Field(5, ge=1, description="Files of the newest N snapshots are kept (time travel); older "
                                                      "unreferenced files are deleted")
+    reuse: Literal["content", "none"] = Field(
+        "content", description="content: a record whose content_hash the published snapshot holds (same model, "
+        "preprocessing, dtype and read options) takes the stored vector, and identical contents in one block are "
+        "embedded once; none: every record of a new or changed shard goes to the model")
 
     # -- fault tolerance
     lease_ttl_s: float = Field(600.0, gt=0, description="A run's lease on the output lasts this long unless renewed "

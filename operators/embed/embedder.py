@@ -148,6 +148,87 @@ def vectors_to_arrow(vectors: np.ndarray, valid: np.ndarray, dim: int) -> pa.Fix
     return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~valid))
 
 
+def distinct_rows(hashes: pa.Array | pa.ChunkedArray, todo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Among the rows ``todo`` (indices), the first row of each content (null hashes are each their own), and
+    for every row of ``todo`` the position in that first-row list of the row it copies."""
+    values = hashes.to_pylist() if len(todo) else []
+    first: dict[bytes, int] = {}
+    reps: list[int] = []
+    source = np.empty(len(todo), np.int64)
+    for j, i in enumerate(todo):
+        h = values[i]
+        if h is None or h not in first:
+            if h is not None:
+                first[h] = len(reps)
+            source[j] = len(reps)
+            reps.append(int(i))
+        else:
+            source[j] = first[h]
+    return np.asarray(reps, np.int64), source
+
+
+def fixed_values(arr: pa.FixedSizeListArray, dim: int) -> np.ndarray:
+    """[len, dim] float32 view of a fixed_size_list array's slots (null rows: whatever their slots hold)."""
+    values = arr.values.to_numpy(zero_copy_only=False)
+    return np.asarray(values[arr.offset * dim:(arr.offset + len(arr)) * dim], np.float32).reshape(len(arr), dim)
+
+
+def embed_distinct(table: pa.Table, embed: Callable[[pa.Table], pa.Table], dim: int, dedupe: bool = True) -> pa.Table:
+    """``embed`` run on the rows that need the model only: not the rows that carry a stored vector (``_reuse``,
+    from the published snapshot: taken bit for bit) and, with ``dedupe``, not the second and later rows of the
+    same ``content_hash`` (they copy the first one's vector, or its error). Every row comes back, in order,
+    with ``embedding``, the error columns, ``_batch_size``, ``_t_embed`` and ``_how`` (how it got its vector).
+    """
+    n = table.num_rows
+    reuse = table[C.REUSE].combine_chunks() if C.REUSE in table.column_names else None
+    if reuse is None and (not dedupe or C.CONTENT_HASH not in table.column_names):
+        out = embed(table)
+        return out.append_column(C.HOW, pa.array(np.full(n, C.HOW_EMBEDDED, np.int8)))
+    t0 = time.perf_counter()
+    ok = np.asarray(C.ok_mask(table).to_numpy(zero_copy_only=False), dtype=bool)
+    reused = ok & (np.asarray(reuse.is_valid().to_numpy(zero_copy_only=False), bool) if reuse is not None
+                   else np.zeros(n, bool))
+    todo = np.flatnonzero(ok & ~reused)
+    if dedupe and C.CONTENT_HASH in table.column_names:
+        reps, source = distinct_rows(table[C.CONTENT_HASH], todo)
+    else:
+        reps, source = todo, np.arange(len(todo))
+    base = table.drop_columns([c for c in (C.REUSE,) if c in table.column_names])
+    vectors = np.zeros((n, dim), np.float32)
+    stages, types, msgs = C.read_errors(table)
+    how = np.full(n, C.HOW_EMBEDDED, np.int8)
+    batch = np.zeros(n, np.int32)
+    if len(reps):
+        sub = embed(base.take(pa.array(reps)))
+        sub_ok = np.asarray(C.ok_mask(sub).to_numpy(zero_copy_only=False), dtype=bool)
+        sub_vec = fixed_values(sub[C.EMBEDDING].combine_chunks(), dim)
+        s_stages, s_types, s_msgs = C.read_errors(sub)
+        s_batch = sub[C.BATCH].to_numpy() if C.BATCH in sub.column_names else np.zeros(len(reps), np.int32)
+        for j, i in enumerate(todo):
+            r = int(source[j])
+            vectors[i] = sub_vec[r]
+            ok[i] = bool(sub_ok[r])
+            batch[i] = s_batch[r]
+            if i != reps[r]:
+                how[i] = C.HOW_DEDUPED
+                if not sub_ok[r]:
+                    key = table[C.KEY][int(reps[r])].as_py()
+                    stages[i], types[i] = s_stages[r], s_types[r]
+                    msgs[i] = f"the same content as {key!r}, which failed: {s_msgs[r]}"[:2000]
+            else:
+                stages[i], types[i], msgs[i] = s_stages[r], s_types[r], s_msgs[r]
+    if reused.any():
+        rows = np.flatnonzero(reused)
+        vectors[rows] = fixed_values(reuse, dim)[rows]
+        how[rows] = C.HOW_REUSED
+    drop = [c for c in (C.INPUT, C.PAYLOAD) if c in base.column_names]
+    out = base.drop_columns(drop).append_column(C.EMBEDDING, vectors_to_arrow(vectors, ok, dim))
+    out = C.write_errors(out, stages, types, msgs)
+    out = out.append_column(C.BATCH, pa.array(batch))
+    out = out.append_column(C.T_EMBED, C.row_shares(time.perf_counter() - t0, n))
+    return out.append_column(C.HOW, pa.array(how))
+
+
 def embed_table(bb: Backbone, table: pa.Table, batch_size: int, precision: str = "fp32",
                 max_tokens: int | None = None, pool: Streams | None = None,
                 tuner: BatchTuner | None = None) -> pa.Table:
@@ -438,7 +519,7 @@ class EmbedActor:
     def __init__(self, spec: ModelSpec, batch_size: int, precision: str, num_gpus: float, torch_threads: int,
                  decode_images: bool = False, streams: int = 1, autotune: bool = False,
                  max_batch_size: int | None = None, onednn_cache: int | None = ONEDNN_CACHE,
-                 torch_compile: bool = False) -> None:
+                 torch_compile: bool = False, dedupe: bool = True) -> None:
         if onednn_cache is not None:  # read by oneDNN at its first primitive: before the model's first forward
             os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(onednn_cache))
         import torch
@@ -463,15 +544,19 @@ class EmbedActor:
         self.actor_id = C.current_actor_id()  # ... and how the rows spread over the actors
         self.ready_at = time.time()  # model loaded: the report's start-up timeline
         self._trim = malloc_trim()
+        self.dedupe = dedupe  # identical contents in a block: embedded once (reuse: content)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if os.environ.get(FAULTS_ENV):  # kill tests only; one lookup otherwise
             crash_embed_once(table[C.KEY].to_pylist())
             actors_meet(self.actor_id)
-        if self.decode_images and C.PAYLOAD in table.column_names:
-            out = embed_image_bytes(self.backbone, table, self.batch_size, self.precision, self.pool, tuner=self.tuner)
-        else:
-            out = embed_table(self.backbone, table, self.batch_size, self.precision, pool=self.pool, tuner=self.tuner)
+
+        def embed(t: pa.Table) -> pa.Table:
+            if self.decode_images and C.PAYLOAD in t.column_names:
+                return embed_image_bytes(self.backbone, t, self.batch_size, self.precision, self.pool, tuner=self.tuner)
+            return embed_table(self.backbone, t, self.batch_size, self.precision, pool=self.pool, tuner=self.tuner)
+
+        out = embed_distinct(table, embed, self.backbone.dim, self.dedupe)
         out = C.tag_node(out, C.NODE_EMBED, self.node_id)
         out = C.tag_node(out, C.ACTOR, self.actor_id)
         out = C.stamp(C.stamp(out, C.TS_ACTOR_READY, self.ready_at), C.TS_EMBED, time.time())

@@ -55,3 +55,10 @@ def arrow_filesystem(uri: str, storage_options: dict[str, Any] | None = None) ->
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     return PyFileSystem(FSSpecHandler(fs))
+
+
+def write_parquet_bytes(table: pa.Table) -> bytes:
+    """A table as one Parquet object's bytes (zstd)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()

@@ -12,31 +12,50 @@ import time
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from operators import columns as C
 from operators.io.storage import retries_done
 from operators.models.specs import ImagePreprocess, TextPreprocess
 from operators.preprocess.transforms import preprocess_images, preprocess_text
+from operators.read.content import content_hashes, reuse_column
 from operators.read.readers import ReadOptions, read_shard
 
 
 def prepare_rows(raw: pa.Table, piece: str, pre: ImagePreprocess | TextPreprocess | None, t_read: float,
                  piece_rows: int | None = None, shard_rows: dict[str, int] | None = None,
-                 retries: int = 0) -> pa.Table:
+                 retries: int = 0, reuse: pa.Array | None = None) -> pa.Table:
     """Preprocess read records and tag them with their piece (pure; runs in a Ray task or the isolator).
 
     ``pre=None`` leaves the records raw (``_payload``): the embedding actor decodes them itself.
     ``piece_rows``: records in the whole piece when ``raw`` is one slice of it (default: ``raw``'s rows).
     ``shard_rows``: records read per shard URI (the count the commit checks the published rows against).
     ``retries``: storage retries the read needed (reported).
+    ``reuse``: per row, the stored vector of its content (float32) or null: those rows skip preprocessing
+    (``_input`` null) and the actor takes the vector as it is (:func:`operators.embed.embedder.embed_distinct`).
+    Every row gets its ``content_hash`` (null when the record could not be read).
     """
     t1 = time.perf_counter()
     n = raw.num_rows
     total = n if piece_rows is None else piece_rows
+    if C.CONTENT_HASH not in raw.column_names:
+        raw = raw.append_column(C.CONTENT_HASH, content_hashes(raw[C.PAYLOAD]))
     if pre is None:
-        table = raw
-    else:
-        table = preprocess_images(raw, pre) if isinstance(pre, ImagePreprocess) else preprocess_text(raw, pre)
+        table = raw if reuse is None else raw.append_column(C.REUSE, reuse)
+    elif reuse is None or not pc.any(pc.is_valid(reuse)).as_py():
+        table = _preprocess(raw, pre)
+        if reuse is not None:
+            table = table.append_column(C.REUSE, reuse)
+    else:  # preprocess the misses only; the hits keep their order, with no input
+        hit = pc.is_valid(reuse)
+        miss_idx = pc.indices_nonzero(pc.invert(hit))
+        hit_idx = pc.indices_nonzero(hit)
+        misses = _preprocess(raw.take(miss_idx), pre).append_column(C.REUSE, reuse.take(miss_idx))
+        hits = raw.take(hit_idx).drop_columns([C.PAYLOAD])
+        hits = hits.append_column(C.INPUT, pa.nulls(hits.num_rows, input_type(pre))).append_column(
+            C.REUSE, reuse.take(hit_idx))
+        table = pa.concat_tables([misses, hits.select(misses.column_names)])
+        table = table.take(pc.sort_indices(pa.concat_arrays([miss_idx, hit_idx])))
     table = table.append_column(C.PIECE, pa.array([piece] * n, pa.string()))
     table = table.append_column(C.PIECE_ROWS, pa.array([total] * n, pa.int64()))
     table = C.constant(table, C.SHARD_ROWS, json.dumps(shard_rows or {}, sort_keys=True))
@@ -47,13 +66,19 @@ def prepare_rows(raw: pa.Table, piece: str, pre: ImagePreprocess | TextPreproces
     return C.stamp(C.tag_node(table, C.NODE_PRE), C.TS_PRE, time.time())
 
 
-def load_piece(piece_shards: list[dict[str, Any]], piece: str, ropts: ReadOptions,
-               pre: ImagePreprocess | TextPreprocess | None, part: int = 0, parts: int = 1) -> pa.Table:
-    """Read + preprocess the shards of one piece that need embedding: all their records, or slice ``part``
-    of ``parts`` equal row ranges (a big piece is read in slices so that several actors share it; each
-    slice reads the shards and keeps its own rows: reading is cheap beside embedding)."""
-    t0 = time.perf_counter()
-    retries0 = retries_done()
+def _preprocess(raw: pa.Table, pre: ImagePreprocess | TextPreprocess) -> pa.Table:
+    return preprocess_images(raw, pre) if isinstance(pre, ImagePreprocess) else preprocess_text(raw, pre)
+
+
+def input_type(pre: ImagePreprocess | TextPreprocess) -> pa.DataType:
+    """The ``_input`` column's type after ``pre`` (HxWx3 uint8 crops, or token ids)."""
+    return pa.binary(pre.crop * pre.crop * 3) if isinstance(pre, ImagePreprocess) else pa.list_(pa.int32())
+
+
+def read_piece(piece_shards: list[dict[str, Any]], ropts: ReadOptions, part: int = 0,
+               parts: int = 1) -> tuple[pa.Table, dict[str, int], int]:
+    """The records of a piece's shards to embed (slice ``part`` of ``parts``), the records read per shard URI
+    and the piece's record count."""
     tables = [read_shard(s["uri"], s["rel"], ropts, s.get("size")) for s in piece_shards]
     counts = {s["uri"]: t.num_rows for s, t in zip(piece_shards, tables)}
     raw = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
@@ -61,14 +86,57 @@ def load_piece(piece_shards: list[dict[str, Any]], piece: str, ropts: ReadOption
     if parts > 1:
         lo, hi = n * part // parts, n * (part + 1) // parts
         raw = raw.slice(lo, hi - lo)
+    return raw, counts, n
+
+
+def load_piece(piece_shards: list[dict[str, Any]], piece: str, ropts: ReadOptions,
+               pre: ImagePreprocess | TextPreprocess | None, part: int = 0, parts: int = 1,
+               stored: Any = None) -> pa.Table:
+    """Read + preprocess the shards of one piece that need embedding: all their records, or slice ``part``
+    of ``parts`` equal row ranges (a big piece is read in slices so that several actors share it; each
+    slice reads the shards and keeps its own rows: reading is cheap beside embedding)."""
+    t0 = time.perf_counter()
+    retries0 = retries_done()
+    raw, counts, n = read_piece(piece_shards, ropts, part, parts)
+    reuse = None
+    if stored is not None:
+        raw = raw.append_column(C.CONTENT_HASH, content_hashes(raw[C.PAYLOAD]))
+        reuse = stored(raw[C.KEY])
     return prepare_rows(raw, piece, pre, time.perf_counter() - t0, piece_rows=n, shard_rows=counts,
-                        retries=retries_done() - retries0)
+                        retries=retries_done() - retries0, reuse=reuse)
 
 
-def load_pieces(batch: pa.Table, ropts: ReadOptions, pre: ImagePreprocess | TextPreprocess | None) -> pa.Table:
-    """map_batches function over piece descriptors (one row per piece, or per slice of a piece)."""
+def stored_vectors(plan_uri: str | None, output: str, storage_options: dict[str, Any], dim: int) -> Any:
+    """From a block's reuse plan (``key``, ``file``, ``row``: see pipelines/embed/reuse.py), a function from
+    keys to the stored float32 vectors of the planned ones (null for the rest; all null without a plan: every
+    block of a run with a lookup has the column, so blocks that Ray Data joins into one window agree). Each
+    file is read once, its ``embedding`` column only."""
+    from operators.io.parquet import read_parquet
+    from operators.io.storage import join
+
+    plan = read_parquet(plan_uri, storage_options) if plan_uri else None
+    if plan is None or not plan.num_rows:
+        return lambda keys: pa.nulls(len(keys), pa.list_(pa.float32(), dim))
+    plan = plan.sort_by([("file", "ascending"), ("row", "ascending")])
+    parts = []
+    for f in pc.unique(plan["file"]).to_pylist():
+        rows = plan.filter(pc.equal(plan["file"], f))["row"]
+        emb = read_parquet(join(output, f), storage_options, columns=[C.EMBEDDING])[C.EMBEDDING].take(rows)
+        dim = emb.type.list_size
+        parts.append(emb.combine_chunks().cast(pa.list_(pa.float32(), dim)))
+    vectors = pa.concat_arrays(parts)
+    return lambda keys: reuse_column(keys, plan[C.KEY].combine_chunks(), vectors)
+
+
+def load_pieces(batch: pa.Table, ropts: ReadOptions, pre: ImagePreprocess | TextPreprocess | None,
+                output: str = "", storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """map_batches function over piece descriptors (one row per piece, or per slice of a piece); a ``plan``
+    column names the block's reuse plan (rows whose content the snapshot holds take the stored vector)."""
     slices = batch["slice"].to_pylist() if "slice" in batch.column_names else [[0, 1]] * batch.num_rows
-    out = [load_piece(json.loads(s), p, ropts, pre, *sl)
+    stored = None
+    if "plan" in batch.column_names:  # this run looked its records up in the published snapshot
+        stored = stored_vectors(batch["plan"][0].as_py(), output, storage_options or {}, batch["reuse_dim"][0].as_py())
+    out = [load_piece(json.loads(s), p, ropts, pre, *sl, stored=stored)
            for p, s, sl in zip(batch["piece"].to_pylist(), batch["shards"].to_pylist(), slices)]
     out = [t for t in out if t.num_rows] or out[:1]  # an empty slice adds nothing (and no schema clash)
     return pa.concat_tables(out, promote_options="permissive") if len(out) > 1 else out[0]

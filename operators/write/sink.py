@@ -34,6 +34,8 @@ RESULT_SCHEMA = pa.schema(
         pa.field("error_rows", pa.int64()),
         pa.field("bytes", pa.int64()),
         pa.field("piece_rows", pa.int64()),  # records the piece's embedded shards hold (all parts together)
+        pa.field("reused_rows", pa.int64()),  # rows that took the snapshot's stored vector (same content)
+        pa.field("deduped_rows", pa.int64()),  # rows that copied the vector of the same content in their block
         pa.field("shard_rows", pa.string()),  # JSON {shard uri: records read}, as the read stage counted them
         pa.field("retries", pa.int64()),  # storage retries this part's read and write needed
         pa.field("dim", pa.int64()),
@@ -79,8 +81,11 @@ def output_table(table: pa.Table, embedding_dtype: str) -> pa.Table:
         dim = emb.type.list_size
         values = pc.cast(emb.flatten(), pa.float16()) if len(emb) else pa.array([], pa.float16())
         emb = pa.FixedSizeListArray.from_arrays(values, dim)
-    passthrough = [c for c in table.column_names if not C.is_internal(c) and c not in (C.KEY, C.SOURCE, C.EMBEDDING)]
+    fixed = (C.KEY, C.SOURCE, C.EMBEDDING, C.CONTENT_HASH)
+    passthrough = [c for c in table.column_names if not C.is_internal(c) and c not in fixed]
     cols = {C.KEY: good[C.KEY], C.SOURCE: good[C.SOURCE], C.EMBEDDING: emb}
+    if C.CONTENT_HASH in table.column_names:
+        cols[C.CONTENT_HASH] = good[C.CONTENT_HASH]
     for c in passthrough:
         cols[c] = good[c]
     return pa.table(cols)
@@ -89,7 +94,9 @@ def output_table(table: pa.Table, embedding_dtype: str) -> pa.Table:
 def error_table(table: pa.Table) -> pa.Table:
     bad = table.filter(pc.invert(C.ok_mask(table)))
     return pa.table(
-        {C.KEY: bad[C.KEY], C.SOURCE: bad[C.SOURCE], "stage": bad[C.ERR_STAGE],
+        {C.KEY: bad[C.KEY], C.SOURCE: bad[C.SOURCE],
+         C.CONTENT_HASH: bad[C.CONTENT_HASH] if C.CONTENT_HASH in bad.column_names else pa.nulls(bad.num_rows, pa.binary(16)),
+         "stage": bad[C.ERR_STAGE],
          "error_type": bad[C.ERR_TYPE], "message": bad[C.ERR_MSG]},
         schema=C.ERROR_SCHEMA,
     )
@@ -142,9 +149,15 @@ def _write_one(part: pa.Table, piece: str, opts: SinkOptions) -> dict[str, Any]:
     def total(col: str) -> float:  # stage seconds: the sum of the part's rows' shares
         return float(pc.sum(part[col]).as_py() or 0.0) if col in part.column_names and part.num_rows else 0.0
 
+    def how(value: int) -> int:  # rows (published) that got their vector this way
+        if C.HOW not in part.column_names or not part.num_rows:
+            return 0
+        return int(pc.sum(pc.and_(pc.equal(part[C.HOW], value), C.ok_mask(part))).as_py() or 0)
+
     return {
         "piece": piece, "data_file": data_file, "rows": out.num_rows, "error_file": error_file,
         "error_rows": errs.num_rows, "bytes": nbytes, "dim": dim,
+        "reused_rows": how(C.HOW_REUSED), "deduped_rows": how(C.HOW_DEDUPED),
         "piece_rows": int(part[C.PIECE_ROWS][0].as_py()) if C.PIECE_ROWS in part.column_names else part.num_rows,
         "shard_rows": read_counts, "retries": read_retries + retries_done() - retries0,
         "t_read": total(C.T_READ), "t_preprocess": total(C.T_PRE), "t_embed": total(C.T_EMBED),

@@ -47,8 +47,9 @@ def content_fingerprint(cfg: EmbedConfig, spec: ModelSpec) -> str:
     column = getattr(cfg, column_key) if column_key else ""
     # decoding in the actors (torchvision resize) gives pixels a few grey levels off Pillow's: other rows
     decode = ["decode=actors"] if cfg.image_decode == "actors" else []
+    # "content_hash": the output contract with the content_hash column (tables from before it are embedded again)
     return short_hash(spec.fingerprint(), spec.preprocessing_fingerprint(), cfg.embedding_dtype, cfg.format, column,
-                      cfg.key_column or "", ",".join(cfg.passthrough), *decode, n=16)
+                      cfg.key_column or "", ",".join(cfg.passthrough), *decode, "content_hash", n=16)
 
 
 def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print, command: str = "embed") -> dict[str, Any]:
@@ -126,7 +127,7 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
                        embedding_dtype=cfg.embedding_dtype, storage_options=so, staging=staging.prefix)
     tracker = Tracker(todo, staging)
     if todo:
-        stream_pieces(cfg, spec, report, todo, sink, tracker, t_start)
+        stream_pieces(cfg, spec, report, todo, sink, tracker, t_start, base)
         failed = [w for w in todo if w.piece.id not in tracker.records]
         if failed:
             _isolate(cfg, spec, report, failed, sink, tracker, progress)
@@ -134,6 +135,10 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
 
     records = [tracker.records[w.piece.id] for w in todo] + list(adopted.values())
     account(report, todo, tracker, adopted)
+    if todo:
+        progress(f"rows read {report.rows_in}: embedded by the model {report.rows_embedded}, reused from the snapshot "
+                 f"{report.rows_reused}, deduplicated in the run {report.rows_deduped}, errors {report.error_rows}; "
+                 f"carried over {report.rows_carried}")
     fresh = new_parts(todo, tracker)
     report.startup = {**report.startup, **startup_timeline(fresh, wall_start)}
     _check_error_budget(cfg, report, sink, [p["error_file"] for p in fresh if p["error_file"]])

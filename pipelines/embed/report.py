@@ -41,6 +41,12 @@ class RunReport:
     rows_out: int = 0
     error_rows: int = 0
     rows_carried: int = 0
+    # of rows_out: embedded by the model, took the snapshot's stored vector (same content), or copied the vector
+    # of the same content earlier in their block (reuse: content)
+    rows_embedded: int = 0
+    rows_reused: int = 0
+    rows_deduped: int = 0
+    reuse: dict[str, Any] = field(default_factory=dict)  # the lookup: partitions, snapshot rows, hits, seconds
     quarantined: int = 0  # records that crashed their worker every time and went to _errors
     isolation_calls: int = 0
     storage_retries: int = 0  # featx's own retries of failed storage requests (driver, reads, writes, carries)
@@ -84,6 +90,9 @@ def account(report: RunReport, todo: list[PieceWork], tracker: Tracker, adopted:
     report.error_rows = sum(p["error_rows"] for p in parts) + sum(
         f["rows"] for r in adopted.values() for f in r["error_files"] if not f.get("carried"))
     report.rows_in = report.rows_out + report.error_rows
+    report.rows_reused = sum(int(p.get("reused_rows") or 0) for p in parts)
+    report.rows_deduped = sum(int(p.get("deduped_rows") or 0) for p in parts)
+    report.rows_embedded = sum(p["rows"] for p in parts) - report.rows_reused - report.rows_deduped  # not adopted ones
     report.rows_carried = sum(p["rows"] + p["error_rows"] for p in carry)
     report.storage_retries += sum(int(p.get("retries") or 0) for p in parts + carry)
     report.data_files_written = sum(1 for w in todo for p in tracker.records[w.piece.id]["parts"] if p["data_file"])

@@ -36,15 +36,20 @@ def embed_actor_args(cfg: EmbedConfig, spec: ModelSpec, torch_threads: int) -> d
     return {"spec": spec, "batch_size": cfg.batch_size, "precision": cfg.precision, "num_gpus": cfg.num_gpus,
             "torch_threads": torch_threads, "decode_images": cfg.image_decode == "actors",
             "streams": actor_streams(cfg, torch_threads), "autotune": batch_autotune(cfg),
-            "max_batch_size": cfg.max_batch_size, "torch_compile": cfg.torch_compile}
+            "max_batch_size": cfg.max_batch_size, "torch_compile": cfg.torch_compile, "dedupe": cfg.reuse == "content"}
 
 
 def stream_pieces(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[PieceWork], sink: SinkOptions,
-                  tracker: Tracker, t_start: float) -> None:
-    """The streaming pass: embed the new/changed shards of each piece; carry-over tasks run beside it."""
+                  tracker: Tracker, t_start: float, base: dict[str, Any] | None = None) -> None:
+    """The streaming pass: embed the new/changed shards of each piece; carry-over tasks run beside it.
+    ``base``: the published manifest with this run's content fingerprint (its vectors can be reused)."""
     start_ray(cfg, report, t_start)
     carry = CarryOver(todo, sink, tracker, cfg.max_task_retries)
     blocks = piece_blocks(todo, report.resources["max_actors"], isinstance(spec.preprocessing, ImagePreprocess))
+    if blocks and cfg.reuse == "content" and base is not None and base.get("rows"):
+        from pipelines.embed.reuse import plan_reuse
+
+        blocks, report.reuse = plan_reuse(cfg, blocks, base, sink.staged("reuse"))
     with data_context(cfg):
         try:
             if blocks:
@@ -154,7 +159,8 @@ def embedding_dataset(cfg: EmbedConfig, spec: ModelSpec, resources: dict[str, An
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(
-            load_pieces, fn_args=(read_options(cfg), read_preprocessing(cfg, spec)), batch_size=None,
+            load_pieces, fn_args=(read_options(cfg), read_preprocessing(cfg, spec), cfg.output, dict(cfg.storage_options)),
+            batch_size=None,
             batch_format="pyarrow", num_cpus=cfg.preprocess_num_cpus,
             # declared memory per task; differing from the actors' it also keeps Ray Data from fusing
             # this CPU stage into the embedding actors, so the two stages scale apart

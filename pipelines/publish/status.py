@@ -9,7 +9,8 @@ from operators.io.storage import get_fs, join, retry
 from pipelines.publish.manifest import load_manifest
 
 RUN_FIELDS = ("run_id", "command", "status", "started", "finished", "shards_processed", "shards_skipped",
-              "shards_adopted", "rows_in", "rows_out", "error_rows", "quarantined", "rows_per_second", "snapshot")
+              "shards_adopted", "rows_in", "rows_out", "rows_embedded", "rows_reused", "rows_deduped", "error_rows",
+              "quarantined", "rows_per_second", "snapshot")
 
 
 def output_status(output: str, storage_options: dict[str, Any] | None = None, last_runs: int = 20) -> dict[str, Any]:

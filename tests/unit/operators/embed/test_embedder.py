@@ -255,3 +255,34 @@ def test_a_compiled_actor_runs_one_stream_and_gives_the_eager_vectors(tiny_bert:
     assert compiled[C.KEY].to_pylist() == eager[C.KEY].to_pylist() and compiled[C.EMBEDDING].null_count == 1
     np.testing.assert_allclose(np.array(compiled[C.EMBEDDING].to_pylist()[:-1]),
                                np.array(eager[C.EMBEDDING].to_pylist()[:-1]), atol=1e-5)
+
+
+def test_embed_distinct_embeds_each_content_once_and_takes_stored_vectors_bit_for_bit(tiny_bert: str) -> None:
+    from operators.embed.embedder import embed_distinct
+    from operators.read.content import content_hashes
+
+    spec = resolve(f"hf:{tiny_bert}", ModelOptions(pooling="mean"))
+    bb = load(spec)
+    texts = ["same words", "other words", "same words", None, "stored one", "same words"]
+    raw = _text_table(texts)
+    raw = raw.append_column(C.CONTENT_HASH, content_hashes(raw[C.PAYLOAD]))
+    table = preprocess_text(raw, spec.preprocessing)
+    stored = np.arange(bb.dim, dtype=np.float32) / 7  # a vector the snapshot holds for row 4's content
+    reuse = pa.FixedSizeListArray.from_arrays(pa.array(np.tile(stored, 6)), bb.dim,
+                                              mask=pa.array([True, True, True, True, False, True]))
+    calls: list[int] = []
+
+    def embed(t: pa.Table) -> pa.Table:
+        calls.append(t.num_rows)
+        return embed_table(bb, t, 8)
+
+    out = embed_distinct(table.append_column(C.REUSE, reuse), embed, bb.dim)
+    assert calls == [2]  # "same words" once, "other words" once; the stored row and the null row not at all
+    assert out[C.HOW].to_pylist() == [C.HOW_EMBEDDED, C.HOW_EMBEDDED, C.HOW_DEDUPED, C.HOW_EMBEDDED, C.HOW_REUSED,
+                                      C.HOW_DEDUPED]
+    vecs = out[C.EMBEDDING].to_pylist()
+    assert np.array_equal(np.asarray(vecs[4], np.float32), stored)  # bit for bit
+    ref = embed_table(bb, table, 8)[C.EMBEDDING].to_pylist()  # every row through the model, no reuse
+    for i in (0, 1, 2, 5):
+        np.testing.assert_allclose(vecs[i], ref[i], atol=1e-6)
+    assert vecs[3] is None and out[C.ERR_STAGE][3].as_py() is not None  # the unreadable row keeps its error

@@ -38,7 +38,7 @@ def test_write_piece_files_schema_metadata_and_errors(tmp_path: Path) -> None:
     meta = json.loads(data.schema.metadata[b"featx"])
     assert meta == {"model": "m", "dim": 4}
     errs = pq.read_table(tmp_path / res[0]["error_file"]).to_pylist()
-    assert errs == [{"key": "k1", "source_uri": "s3://b/x.tar", "stage": "decode", "error_type": "OSError", "message": "broken"}]
+    assert errs == [{"key": "k1", "source_uri": "s3://b/x.tar", "content_hash": None, "stage": "decode", "error_type": "OSError", "message": "broken"}]
     # same rows, same model -> same file name (a rerun overwrites, never adds)
     again = write_piece(_embedded(5, 4, {1}), opts).to_pylist()
     assert again[0]["data_file"] == res[0]["data_file"]
