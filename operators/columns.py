@@ -23,6 +23,11 @@ RETRIES = "_retries"  # storage retries the read stage needed (on the block's fi
 REUSE = "_reuse"  # the stored vector of a record whose content the published snapshot holds (float32), else null
 HOW = "_how"  # how the row got its vector: 0 embedded, 1 reused from the snapshot, 2 copied from the same content
 HOW_EMBEDDED, HOW_REUSED, HOW_DEDUPED = 0, 1, 2
+# 3: held back: the same content sits in another block of this run (its representative, FOLLOW in piece
+# FOLLOW_PIECE), which embeds it; the sink stages the row and the fill pass copies the vector afterwards
+HOW_HELD = 3
+FOLLOW = "_follow"  # the representative's key (another block of this run, same content_hash), else null
+FOLLOW_PIECE = "_follow_piece"  # the representative's piece
 ERR_STAGE = "_err_stage"  # read | decode | preprocess | embed; null when the row is fine
 ERR_TYPE = "_err_type"
 ERR_MSG = "_err_msg"

@@ -5,8 +5,9 @@ real (a real SIGKILL of a real process, not a mock), the protocol names its step
 sets ``FEATX_FAILPOINTS`` in the environment of the ``featx`` command it starts:
 
 - ``driver:<point>`` or ``driver:<point>@<n>``: the driver kills itself (SIGKILL) the n-th time (default 1st)
-  it passes ``<point>`` (points: ``journal``, ``commit-before-move``, ``commit-mid-move``,
-  ``commit-before-manifest``, ``commit-after-manifest``).
+  it passes ``<point>`` (points: ``journal``, ``fill`` (the stream is done, pieces with rows held for another
+  block's representative are not journalled), ``commit-before-move``, ``commit-mid-move``,
+  ``commit-before-manifest``, ``commit-before-delta``).
 - ``driver-pause:<point>:<seconds>``: the driver sleeps that long the first time it passes ``<point>`` (a test
   then acts while the run is certainly still running).
 - ``crash-key:<key>``: any worker process that is about to preprocess the record ``<key>`` kills itself,

@@ -175,20 +175,27 @@ def fixed_values(arr: pa.FixedSizeListArray, dim: int) -> np.ndarray:
 
 def embed_distinct(table: pa.Table, embed: Callable[[pa.Table], pa.Table], dim: int, dedupe: bool = True) -> pa.Table:
     """``embed`` run on the rows that need the model only: not the rows that carry a stored vector (``_reuse``,
-    from the published snapshot: taken bit for bit) and, with ``dedupe``, not the second and later rows of the
-    same ``content_hash`` (they copy the first one's vector, or its error). Every row comes back, in order,
+    from the published snapshot: taken bit for bit), not the rows held back for a representative in another
+    block (``_follow``: a zero placeholder, ``_how`` 3; the sink stages them for the fill pass) and, with
+    ``dedupe``, not the second and later rows of the same ``content_hash`` (they copy the first one's vector,
+    or its error). Every row comes back, in order,
     with ``embedding``, the error columns, ``_batch_size``, ``_t_embed`` and ``_how`` (how it got its vector).
     """
     n = table.num_rows
     reuse = table[C.REUSE].combine_chunks() if C.REUSE in table.column_names else None
-    if reuse is None and (not dedupe or C.CONTENT_HASH not in table.column_names):
+    follow = table[C.FOLLOW].combine_chunks() if C.FOLLOW in table.column_names else None
+    if reuse is None and follow is None and (not dedupe or C.CONTENT_HASH not in table.column_names):
         out = embed(table)
         return out.append_column(C.HOW, pa.array(np.full(n, C.HOW_EMBEDDED, np.int8)))
     t0 = time.perf_counter()
     ok = np.asarray(C.ok_mask(table).to_numpy(zero_copy_only=False), dtype=bool)
-    reused = ok & (np.asarray(reuse.is_valid().to_numpy(zero_copy_only=False), bool) if reuse is not None
-                   else np.zeros(n, bool))
-    todo = np.flatnonzero(ok & ~reused)
+
+    def valid(col: pa.Array | None) -> np.ndarray:
+        return ok & np.asarray(col.is_valid().to_numpy(zero_copy_only=False), bool) if col is not None else np.zeros(n, bool)
+
+    reused = valid(reuse)
+    held = valid(follow) & ~reused  # another block embeds this content: a zero placeholder, the fill pass copies
+    todo = np.flatnonzero(ok & ~reused & ~held)
     if dedupe and C.CONTENT_HASH in table.column_names:
         reps, source = distinct_rows(table[C.CONTENT_HASH], todo)
     else:
@@ -221,6 +228,7 @@ def embed_distinct(table: pa.Table, embed: Callable[[pa.Table], pa.Table], dim: 
         rows = np.flatnonzero(reused)
         vectors[rows] = fixed_values(reuse, dim)[rows]
         how[rows] = C.HOW_REUSED
+    how[held] = C.HOW_HELD
     drop = [c for c in (C.INPUT, C.PAYLOAD) if c in base.column_names]
     out = base.drop_columns(drop).append_column(C.EMBEDDING, vectors_to_arrow(vectors, ok, dim))
     out = C.write_errors(out, stages, types, msgs)

@@ -24,7 +24,7 @@ from operators.read.readers import ReadOptions, read_shard
 
 def prepare_rows(raw: pa.Table, piece: str, pre: ImagePreprocess | TextPreprocess | None, t_read: float,
                  piece_rows: int | None = None, shard_rows: dict[str, int] | None = None,
-                 retries: int = 0, reuse: pa.Array | None = None) -> pa.Table:
+                 retries: int = 0, reuse: pa.Array | None = None, follow: pa.Table | None = None) -> pa.Table:
     """Preprocess read records and tag them with their piece (pure; runs in a Ray task or the isolator).
 
     ``pre=None`` leaves the records raw (``_payload``): the embedding actor decodes them itself.
@@ -33,6 +33,9 @@ def prepare_rows(raw: pa.Table, piece: str, pre: ImagePreprocess | TextPreproces
     ``retries``: storage retries the read needed (reported).
     ``reuse``: per row, the stored vector of its content (float32) or null: those rows skip preprocessing
     (``_input`` null) and the actor takes the vector as it is (:func:`operators.embed.embedder.embed_distinct`).
+    ``follow``: per row (``_follow``, ``_follow_piece``), the key and piece of the row in another block of this
+    run with the same content, or nulls: those rows skip preprocessing and the model too (held back; the fill
+    pass copies the representative's vector: pipelines/embed/reuse.py).
     Every row gets its ``content_hash`` (null when the record could not be read).
     """
     t1 = time.perf_counter()
@@ -40,20 +43,32 @@ def prepare_rows(raw: pa.Table, piece: str, pre: ImagePreprocess | TextPreproces
     total = n if piece_rows is None else piece_rows
     if C.CONTENT_HASH not in raw.column_names:
         raw = raw.append_column(C.CONTENT_HASH, content_hashes(raw[C.PAYLOAD]))
+    extra = {}  # columns every row gets (a whole block agrees on its columns)
+    if reuse is not None:
+        extra[C.REUSE] = reuse
+    if follow is not None:
+        extra[C.FOLLOW], extra[C.FOLLOW_PIECE] = follow[C.FOLLOW], follow[C.FOLLOW_PIECE]
+    skip = None  # rows that need no preprocessing: a stored vector, or held back for their representative
+    for col in (C.REUSE, C.FOLLOW):
+        if col in extra:
+            valid = pc.is_valid(extra[col])
+            skip = valid if skip is None else pc.or_(skip, valid)
+
+    def with_extra(t: pa.Table, idx: pa.Array | None = None) -> pa.Table:
+        for name, col in extra.items():
+            t = t.append_column(name, col if idx is None else col.take(idx))
+        return t
+
     if pre is None:
-        table = raw if reuse is None else raw.append_column(C.REUSE, reuse)
-    elif reuse is None or not pc.any(pc.is_valid(reuse)).as_py():
-        table = _preprocess(raw, pre)
-        if reuse is not None:
-            table = table.append_column(C.REUSE, reuse)
-    else:  # preprocess the misses only; the hits keep their order, with no input
-        hit = pc.is_valid(reuse)
-        miss_idx = pc.indices_nonzero(pc.invert(hit))
-        hit_idx = pc.indices_nonzero(hit)
-        misses = _preprocess(raw.take(miss_idx), pre).append_column(C.REUSE, reuse.take(miss_idx))
+        table = with_extra(raw)
+    elif skip is None or not pc.any(skip).as_py():
+        table = with_extra(_preprocess(raw, pre))
+    else:  # preprocess the others only; the skipped rows keep their order, with no input
+        miss_idx = pc.indices_nonzero(pc.invert(skip))
+        hit_idx = pc.indices_nonzero(skip)
+        misses = with_extra(_preprocess(raw.take(miss_idx), pre), miss_idx)
         hits = raw.take(hit_idx).drop_columns([C.PAYLOAD])
-        hits = hits.append_column(C.INPUT, pa.nulls(hits.num_rows, input_type(pre))).append_column(
-            C.REUSE, reuse.take(hit_idx))
+        hits = with_extra(hits.append_column(C.INPUT, pa.nulls(hits.num_rows, input_type(pre))), hit_idx)
         table = pa.concat_tables([misses, hits.select(misses.column_names)])
         table = table.take(pc.sort_indices(pa.concat_arrays([miss_idx, hit_idx])))
     table = table.append_column(C.PIECE, pa.array([piece] * n, pa.string()))
@@ -91,19 +106,39 @@ def read_piece(piece_shards: list[dict[str, Any]], ropts: ReadOptions, part: int
 
 def load_piece(piece_shards: list[dict[str, Any]], piece: str, ropts: ReadOptions,
                pre: ImagePreprocess | TextPreprocess | None, part: int = 0, parts: int = 1,
-               stored: Any = None) -> pa.Table:
+               stored: Any = None, held: Any = None) -> pa.Table:
     """Read + preprocess the shards of one piece that need embedding: all their records, or slice ``part``
     of ``parts`` equal row ranges (a big piece is read in slices so that several actors share it; each
-    slice reads the shards and keeps its own rows: reading is cheap beside embedding)."""
+    slice reads the shards and keeps its own rows: reading is cheap beside embedding). ``stored`` and
+    ``held``: the block's reuse plan (:func:`stored_vectors`, :func:`held_rows`)."""
     t0 = time.perf_counter()
     retries0 = retries_done()
     raw, counts, n = read_piece(piece_shards, ropts, part, parts)
-    reuse = None
-    if stored is not None:
+    reuse = follow = None
+    if stored is not None or held is not None:
         raw = raw.append_column(C.CONTENT_HASH, content_hashes(raw[C.PAYLOAD]))
-        reuse = stored(raw[C.KEY])
+        reuse = stored(raw[C.KEY]) if stored is not None else None
+        follow = held(raw[C.KEY]) if held is not None else None
     return prepare_rows(raw, piece, pre, time.perf_counter() - t0, piece_rows=n, shard_rows=counts,
-                        retries=retries_done() - retries0, reuse=reuse)
+                        retries=retries_done() - retries0, reuse=reuse, follow=follow)
+
+
+def held_rows(follow_uri: str | None, storage_options: dict[str, Any]) -> Any:
+    """From a block's follow plan (``key``, ``_follow``, ``_follow_piece``: rows whose content another block
+    of this run embeds), a function from keys to a table of ``_follow`` and ``_follow_piece`` (nulls for the
+    rows this block embeds)."""
+    from operators.io.parquet import read_parquet
+
+    plan = read_parquet(follow_uri, storage_options) if follow_uri else None
+
+    def lookup(keys: pa.ChunkedArray | pa.Array) -> pa.Table:
+        if plan is None or not plan.num_rows:
+            return pa.table({C.FOLLOW: pa.nulls(len(keys), pa.string()), C.FOLLOW_PIECE: pa.nulls(len(keys), pa.string())})
+        keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+        at = pc.index_in(keys, value_set=plan[C.KEY].combine_chunks())
+        return pa.table({C.FOLLOW: plan[C.FOLLOW].combine_chunks().take(at),
+                         C.FOLLOW_PIECE: plan[C.FOLLOW_PIECE].combine_chunks().take(at)})
+    return lookup
 
 
 def stored_vectors(plan_uri: str | None, output: str, storage_options: dict[str, Any], dim: int) -> Any:
@@ -130,13 +165,17 @@ def stored_vectors(plan_uri: str | None, output: str, storage_options: dict[str,
 
 def load_pieces(batch: pa.Table, ropts: ReadOptions, pre: ImagePreprocess | TextPreprocess | None,
                 output: str = "", storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """map_batches function over piece descriptors (one row per piece, or per slice of a piece); a ``plan``
-    column names the block's reuse plan (rows whose content the snapshot holds take the stored vector)."""
+    """map_batches function over piece descriptors (one row per piece, or per slice of a piece). With a reuse
+    lookup (pipelines/embed/reuse.py) the block names its plans: ``plan`` (rows whose content the snapshot
+    holds take the stored vector) and ``follow`` (rows whose content another block of the run embeds)."""
     slices = batch["slice"].to_pylist() if "slice" in batch.column_names else [[0, 1]] * batch.num_rows
-    stored = None
+    so = storage_options or {}
+    stored = held = None
     if "plan" in batch.column_names:  # this run looked its records up in the published snapshot
-        stored = stored_vectors(batch["plan"][0].as_py(), output, storage_options or {}, batch["reuse_dim"][0].as_py())
-    out = [load_piece(json.loads(s), p, ropts, pre, *sl, stored=stored)
+        stored = stored_vectors(batch["plan"][0].as_py(), output, so, batch["reuse_dim"][0].as_py())
+    if "follow" in batch.column_names:  # ... and across the blocks of the run
+        held = held_rows(batch["follow"][0].as_py(), so)
+    out = [load_piece(json.loads(s), p, ropts, pre, *sl, stored=stored, held=held)
            for p, s, sl in zip(batch["piece"].to_pylist(), batch["shards"].to_pylist(), slices)]
     out = [t for t in out if t.num_rows] or out[:1]  # an empty slice adds nothing (and no schema clash)
     return pa.concat_tables(out, promote_options="permissive") if len(out) > 1 else out[0]

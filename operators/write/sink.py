@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -35,7 +36,10 @@ RESULT_SCHEMA = pa.schema(
         pa.field("bytes", pa.int64()),
         pa.field("piece_rows", pa.int64()),  # records the piece's embedded shards hold (all parts together)
         pa.field("reused_rows", pa.int64()),  # rows that took the snapshot's stored vector (same content)
-        pa.field("deduped_rows", pa.int64()),  # rows that copied the vector of the same content in their block
+        pa.field("deduped_rows", pa.int64()),  # rows that copied the vector of the same content in the run
+        pa.field("held_rows", pa.int64()),  # rows held back for their representative in another block ...
+        pa.field("pending_file", pa.string()),  # ... staged here (no vector yet) for the fill pass
+        pa.field("held_from", pa.string()),  # JSON list: the pieces of their representatives
         pa.field("shard_rows", pa.string()),  # JSON {shard uri: records read}, as the read stage counted them
         pa.field("retries", pa.int64()),  # storage retries this part's read and write needed
         pa.field("dim", pa.int64()),
@@ -129,6 +133,16 @@ def _write_one(part: pa.Table, piece: str, opts: SinkOptions) -> dict[str, Any]:
     keys = part[C.KEY]
     tag = short_hash(str(part.num_rows), str(keys[0]), str(keys[-1]), n=8)
     name = data_file_name(piece, opts.content_fingerprint, tag)
+    whole = part  # the stage figures count every row that went through the stages, held ones too
+    pending_file, held, held_from = None, 0, None
+    if C.HOW in part.column_names and pc.any(pc.equal(part[C.HOW], C.HOW_HELD)).as_py():
+        is_held = pc.equal(part[C.HOW], C.HOW_HELD)
+        pending = held_table(part.filter(is_held))
+        held = pending.num_rows
+        held_from = json.dumps(sorted(pc.unique(pending[C.FOLLOW_PIECE]).to_pylist()))
+        pending_file = f"_pending/{name}"
+        write_bytes(opts.staged(pending_file), _parquet_bytes(pending, None), opts.storage_options)
+        part = part.filter(pc.invert(is_held))
     out = output_table(part, opts.embedding_dtype)
     errs = error_table(part)
     dim = int(part.schema.field(C.EMBEDDING).type.list_size)
@@ -144,10 +158,10 @@ def _write_one(part: pa.Table, piece: str, opts: SinkOptions) -> dict[str, Any]:
         write_bytes(opts.staged(error_file), _parquet_bytes(errs, None), opts.storage_options)
 
     def first(col: str) -> float:
-        return float(part[col][0].as_py()) if col in part.column_names and part.num_rows else 0.0
+        return float(whole[col][0].as_py()) if col in whole.column_names and whole.num_rows else 0.0
 
     def total(col: str) -> float:  # stage seconds: the sum of the part's rows' shares
-        return float(pc.sum(part[col]).as_py() or 0.0) if col in part.column_names and part.num_rows else 0.0
+        return float(pc.sum(whole[col]).as_py() or 0.0) if col in whole.column_names and whole.num_rows else 0.0
 
     def how(value: int) -> int:  # rows (published) that got their vector this way
         if C.HOW not in part.column_names or not part.num_rows:
@@ -158,17 +172,91 @@ def _write_one(part: pa.Table, piece: str, opts: SinkOptions) -> dict[str, Any]:
         "piece": piece, "data_file": data_file, "rows": out.num_rows, "error_file": error_file,
         "error_rows": errs.num_rows, "bytes": nbytes, "dim": dim,
         "reused_rows": how(C.HOW_REUSED), "deduped_rows": how(C.HOW_DEDUPED),
-        "piece_rows": int(part[C.PIECE_ROWS][0].as_py()) if C.PIECE_ROWS in part.column_names else part.num_rows,
+        "held_rows": held, "pending_file": pending_file, "held_from": held_from,
+        "piece_rows": int(whole[C.PIECE_ROWS][0].as_py()) if C.PIECE_ROWS in whole.column_names else whole.num_rows,
         "shard_rows": read_counts, "retries": read_retries + retries_done() - retries0,
         "t_read": total(C.T_READ), "t_preprocess": total(C.T_PRE), "t_embed": total(C.T_EMBED),
         "t_write": time.perf_counter() - t0, "node_id": C.current_node_id(),
-        "stage_nodes": json.dumps({"preprocess": C.node_counts(part, C.NODE_PRE),
-                                   "embed": C.node_counts(part, C.NODE_EMBED)}),
-        "actors": json.dumps(C.node_counts(part, C.ACTOR)),
-        "batch_sizes": json.dumps(C.node_counts(part, C.BATCH)),
+        "stage_nodes": json.dumps({"preprocess": C.node_counts(whole, C.NODE_PRE),
+                                   "embed": C.node_counts(whole, C.NODE_EMBED)}),
+        "actors": json.dumps(C.node_counts(whole, C.ACTOR)),
+        "batch_sizes": json.dumps(C.node_counts(part, C.BATCH)),  # held rows were in no batch
         "ts_preprocessed": first(C.TS_PRE) or None, "ts_actor_ready": first(C.TS_ACTOR_READY) or None,
         "ts_embedded": first(C.TS_EMBED) or None, "ts_written": time.time(),
     }
+
+
+def held_table(rows: pa.Table) -> pa.Table:
+    """Rows held back for their representative, as staged: the published columns but ``embedding``, and the
+    representative's key and piece."""
+    fixed = (C.KEY, C.SOURCE, C.EMBEDDING, C.CONTENT_HASH)
+    passthrough = [c for c in rows.column_names if not C.is_internal(c) and c not in fixed]
+    return rows.select([C.KEY, C.SOURCE, C.CONTENT_HASH, *passthrough, C.FOLLOW, C.FOLLOW_PIECE])
+
+
+def fill_held(piece: str, pending_files: list[str], sources: dict[str, dict[str, list[str]]], piece_rows: int,
+              opts: SinkOptions) -> dict[str, Any]:
+    """The fill pass for one piece: its held rows (``pending_files``) get their representative's vector, bit for
+    bit, or its error (the same content fails the same way), and are written as one more part of the piece.
+
+    ``sources``: per representative piece, its staged ``data`` and ``errors`` files (this run's parts).
+    """
+    from operators.errors import PipelineError
+
+    t0 = time.perf_counter()
+    retries0 = retries_done()
+    pending = pa.concat_tables([read_parquet(opts.staged(f), opts.storage_options) for f in pending_files],
+                               promote_options="permissive")
+    found_keys, vectors, err_keys, err_rows = [], [], [], []
+    for rep_piece, files in sources.items():
+        wanted = pc.unique(pending.filter(pc.equal(pending[C.FOLLOW_PIECE], rep_piece))[C.FOLLOW])
+        for f in files.get("data", []):
+            t = read_parquet(opts.staged(f), opts.storage_options, columns=[C.KEY, C.EMBEDDING])
+            t = t.filter(pc.is_in(t[C.KEY], value_set=wanted))
+            if t.num_rows:
+                found_keys.append(t[C.KEY].combine_chunks())
+                emb = t[C.EMBEDDING].combine_chunks()
+                vectors.append(emb.cast(pa.list_(pa.float32(), emb.type.list_size)))
+        for f in files.get("errors", []):
+            t = read_parquet(opts.staged(f), opts.storage_options)
+            t = t.filter(pc.is_in(t[C.KEY], value_set=wanted))
+            if t.num_rows:
+                err_keys.append(t[C.KEY].combine_chunks())
+                err_rows += t.select(["stage", "error_type", "message"]).to_pylist()
+    rep_keys = pending[C.FOLLOW].combine_chunks()
+    ok_keys = pa.concat_arrays(found_keys) if found_keys else pa.array([], pa.string())
+    bad_keys = pa.concat_arrays(err_keys) if err_keys else pa.array([], pa.string())
+    at = pc.index_in(rep_keys, value_set=ok_keys)
+    at_err = pc.index_in(rep_keys, value_set=bad_keys).to_pylist()
+    missing = [k for k, a, b in zip(rep_keys.to_pylist(), at.to_pylist(), at_err) if a is None and b is None]
+    if missing:
+        raise PipelineError(f"piece {piece}: {len(missing)} rows held back for their representative found no row of it "
+                            f"(e.g. {missing[0]!r}) in this run's parts; nothing was published. This is a bug: rerun "
+                            "with reuse: none and report it.")
+    if vectors:
+        emb = pa.concat_arrays(vectors).take(at)  # null where the representative failed
+    else:  # every representative failed: no vector (and no data file: the dim is not recorded)
+        emb = pa.nulls(pending.num_rows, pa.list_(pa.float32(), 1))
+    stages, types, msgs = [], [], []
+    for k, b in zip(rep_keys.to_pylist(), at_err):
+        if b is None:
+            stages.append(None), types.append(None), msgs.append(None)
+        else:
+            e = err_rows[b]
+            stages.append(e["stage"]), types.append(e["error_type"])
+            msgs.append(f"the same content as {k!r}, which failed: {e['message']}"[:2000])
+    n = pending.num_rows
+    table = pending.drop_columns([C.FOLLOW, C.FOLLOW_PIECE]).append_column(C.EMBEDDING, emb)
+    table = table.append_column(C.ERR_STAGE, pa.array(stages, pa.string())).append_column(
+        C.ERR_TYPE, pa.array(types, pa.string())).append_column(C.ERR_MSG, pa.array(msgs, pa.string()))
+    table = table.append_column(C.PIECE, pa.array([piece] * n, pa.string()))
+    table = table.append_column(C.PIECE_ROWS, pa.array([piece_rows] * n, pa.int64()))
+    table = table.append_column(C.HOW, pa.array(np.full(n, C.HOW_DEDUPED, np.int8)))
+    table = table.append_column(C.T_EMBED, C.row_shares(time.perf_counter() - t0, n))
+    reads = retries_done() - retries0
+    result = _write_one(table, piece, opts)
+    result["retries"] += reads
+    return result
 
 
 def carry_piece(piece: str, sources: list[dict[str, Any]], opts: SinkOptions) -> dict[str, Any]:

@@ -128,9 +128,14 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
     tracker = Tracker(todo, staging)
     if todo:
         stream_pieces(cfg, spec, report, todo, sink, tracker, t_start, base)
-        failed = [w for w in todo if w.piece.id not in tracker.records]
+        awaiting = tracker.awaiting_fill()  # rows held back for a representative in another block
+        failed = [w for w in todo if w.piece.id not in tracker.records and w.piece.id not in awaiting]
         if failed:
             _isolate(cfg, spec, report, failed, sink, tracker, progress)
+        if awaiting:
+            from pipelines.embed.reuse import fill_pieces
+
+            report.reuse["filled"] = fill_pieces(cfg, tracker, sink, awaiting)
     staging.flush()
 
     records = [tracker.records[w.piece.id] for w in todo] + list(adopted.values())

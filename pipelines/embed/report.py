@@ -42,7 +42,7 @@ class RunReport:
     error_rows: int = 0
     rows_carried: int = 0
     # of rows_out: embedded by the model, took the snapshot's stored vector (same content), or copied the vector
-    # of the same content earlier in their block (reuse: content)
+    # of the same content elsewhere in the run (reuse: content)
     rows_embedded: int = 0
     rows_reused: int = 0
     rows_deduped: int = 0

@@ -46,10 +46,14 @@ def stream_pieces(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: li
     start_ray(cfg, report, t_start)
     carry = CarryOver(todo, sink, tracker, cfg.max_task_retries)
     blocks = piece_blocks(todo, report.resources["max_actors"], isinstance(spec.preprocessing, ImagePreprocess))
-    if blocks and cfg.reuse == "content" and base is not None and base.get("rows"):
+    stored = base if base is not None and base.get("rows") else None
+    if blocks and cfg.reuse == "content" and (stored is not None or len(blocks) > 1):
+        # contents the snapshot holds, and contents that several blocks of this run share (one block's own
+        # duplicates are the actor's: embed_distinct)
         from pipelines.embed.reuse import plan_reuse
 
-        blocks, report.reuse = plan_reuse(cfg, blocks, base, sink.staged("reuse"))
+        blocks, report.reuse = plan_reuse(cfg, blocks, stored, sink.staged("reuse"))
+        report.storage_retries += report.reuse["storage_retries"]
     with data_context(cfg):
         try:
             if blocks:

@@ -46,6 +46,27 @@ class Tracker:
         parts = self.embed_parts.get(pid, [])
         return bool(parts) and sum(p["rows"] + p["error_rows"] for p in parts) == parts[0]["piece_rows"]
 
+    def awaiting_fill(self) -> list[str]:
+        """Pieces whose every row came back from the stream, some of them held back for their representative in
+        another block (they are journalled once the fill pass has written those)."""
+        out = []
+        for pid, parts in self.embed_parts.items():
+            held = sum(int(p.get("held_rows") or 0) for p in parts)
+            if pid not in self.records and held and \
+                    sum(p["rows"] + p["error_rows"] for p in parts) + held == parts[0]["piece_rows"]:
+                out.append(pid)
+        return out
+
+    def embedded_files(self, pid: str) -> dict[str, list[str]]:
+        """The data and error files this run wrote for piece ``pid`` (not its carried part)."""
+        if pid in self.records:
+            carry = self.carry_parts.get(pid)
+            parts = [p for p in self.records[pid]["parts"] if p is not carry]
+        else:
+            parts = self.embed_parts.get(pid, [])
+        return {"data": [p["data_file"] for p in parts if p.get("data_file")],
+                "errors": [p["error_file"] for p in parts if p.get("error_file")]}
+
     def _maybe_done(self, pid: str) -> None:
         w = self.work[pid]
         if pid in self.records or (w.embed and not self.embedded_complete(pid)) or (w.carry and pid not in self.carry_parts):

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import yaml
 
@@ -217,6 +219,32 @@ def test_driver_killed_mid_refresh_while_stored_vectors_are_reused(tmp_path: Pat
     assert report["rows_embedded"] + report["rows_reused"] + report["rows_deduped"] == rest
     assert report["rows_reused"] >= rest - (SHARDS - 3) and report["reuse"]["hits"] == report["rows_reused"]
     _same_vectors(_check_exact(out, keys), clean_run["table"])  # equal to a clean full run
+
+
+def test_driver_killed_before_the_fill_pass_publishes_every_copy_once(tmp_path: Path, tiny_bert: str,
+                                                                      clean_run: dict[str, Any]) -> None:
+    """Copies of one content in two blocks: the second block's rows are held for the first's representative;
+    SIGKILL after the stream, before the fill pass writes them. The rerun publishes every row exactly once."""
+    keys = _input(tmp_path / "in")
+    same = ["a sentence that two shards hold", "and a second one like it", "and a third, the last"]
+    for name in ("aa-copies.jsonl", "zz-copies.jsonl"):  # first and last in the listing: blocks of their own
+        (tmp_path / "in" / name).write_text("".join(json.dumps({"id": f"c{i}", "text": t, "label": "copy"}) + "\n"
+                                                    for i, t in enumerate(same)))
+        keys |= {f"{name}#c{i}" for i in range(len(same))}
+    out = str(tmp_path / "out")
+    cfg = _cfg(str(tmp_path / "in"), out, tiny_bert)
+    killed = _featx(tmp_path, cfg, failpoints="driver:fill")  # reached only when rows were held back
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert load_manifest(out) is None
+    report = run_embed(build_config(None, cfg), progress=lambda m: None)
+    assert 0 < report["pieces_adopted"] < SHARDS + 2  # the pieces with held rows were not journalled
+    table = _check_exact(out, keys)
+    copies = [k for k in table["key"].to_pylist() if "copies" in k]
+    base = table.filter(pc.invert(pc.is_in(table["key"], value_set=pa.array(copies))))
+    _same_vectors(base, clean_run["table"])  # equal to a clean full run
+    vec = dict(zip(table["key"].to_pylist(), np.array(table["embedding"].to_pylist())))
+    for i in range(len(same)):  # each copy has its content's vector
+        np.testing.assert_allclose(vec[f"zz-copies.jsonl#c{i}"], vec[f"aa-copies.jsonl#c{i}"], atol=1e-5)
 
 
 def _delta_keys(output: str) -> tuple[int | None, set[str]]:

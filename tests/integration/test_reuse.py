@@ -46,9 +46,9 @@ def _table(out: Path) -> dict[str, tuple[np.ndarray, bytes]]:
             zip(keys, t["embedding"].to_pylist(), t["content_hash"].to_pylist())}
 
 
-def _clean(inp: Path, tmp: Path, tiny_bert: str) -> dict[str, tuple[np.ndarray, bytes]]:
+def _clean(inp: Path, tmp: Path, tiny_bert: str, **extra: Any) -> dict[str, tuple[np.ndarray, bytes]]:
     out = tmp / "clean"
-    run_embed(_cfg(inp, out, tiny_bert, reuse="none"), progress=lambda m: None)
+    run_embed(_cfg(inp, out, tiny_bert, reuse="none", **extra), progress=lambda m: None)
     return _table(out)
 
 
@@ -116,3 +116,28 @@ def test_reuse_none_embeds_every_record_and_model_changes_reuse_nothing(tmp_path
     # error rows carry their content hash too (null where the record could not be read at all)
     files = [f["path"] for f in load_manifest(str(out))["files"]]
     assert pq.read_schema(out / files[0]).field("content_hash").type.byte_width == 16
+
+
+def test_copies_in_other_blocks_of_one_run_are_embedded_once(tmp_path: Path, tiny_bert: str) -> None:
+    """A first run (nothing to reuse): each distinct content reaches the model once, wherever its copies sit;
+    the held-back copies get their representative's vector (or its error) and equal a clean run's rows."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    originals = [f"original sentence number {i} about foxes" for i in range(8)]
+    (inp / "a0.jsonl").write_text("".join(_line(f"a0-{i}", t) for i, t in enumerate(originals)) + _line("a0-e", ""))
+    for s in range(1, 5):  # later shards (other pieces, other blocks): copies of the first shard, one new line each
+        body = [_line(f"a{s}-{i}", originals[(i + s) % 8]) for i in range(4)] + [_line(f"a{s}-n", f"new line {s}")]
+        if s == 3:
+            body.append(_line("a3-e", ""))  # a copy of a record that fails (empty text): it fails the same way
+        (inp / f"a{s}.jsonl").write_text("".join(body))
+    got = run_embed(_cfg(inp, out, tiny_bert, piece_max_shards=1, max_error_fraction=0.5), progress=lambda m: None)
+    distinct = len(originals) + 4  # and the empty text, an error row twice
+    assert got["rows_in"] == 9 + 4 * 5 + 1 and got["error_rows"] == 2
+    assert got["reuse"]["held_for_fill"] > 0  # the copies sat in other blocks than their originals
+    assert got["rows_embedded"] == distinct and got["rows_deduped"] == 16
+    assert got["reuse"]["filled"] == got["reuse"]["held_for_fill"]
+    errors = [r for f in load_manifest(str(out))["error_files"] for r in pq.read_table(out / f["path"]).to_pylist()]
+    assert sorted(r["key"] for r in errors) == ["a0.jsonl#a0-e", "a3.jsonl#a3-e"]
+    copy = next(r for r in errors if r["key"] == "a3.jsonl#a3-e")
+    assert "the same content as 'a0.jsonl#a0-e', which failed" in copy["message"]
+    _same_as_clean(_table(out), _clean(inp, tmp_path, tiny_bert, max_error_fraction=0.5))

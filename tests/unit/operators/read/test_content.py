@@ -28,12 +28,14 @@ def test_partitioned_join_equals_a_brute_force_join() -> None:
     old_t = pa.table({C.CONTENT_HASH: content_hashes(pa.array(stored)), "file": pa.array([i % 7 for i in range(500)], pa.int32()),
                       "row": pa.array(range(500), pa.int64())})
     new_t = pa.table({C.CONTENT_HASH: content_hashes(pa.array(new + [None])), C.KEY: [f"k{i}" for i in range(401)],
-                      "block": pa.array([i % 3 for i in range(401)], pa.int32())})
+                      "block": pa.array([i % 3 for i in range(401)], pa.int32()),
+                      "piece": [f"p{i % 6}" for i in range(401)]})
     parts = 5
-    hits, dups = [], 0
+    hits, followers, dups = [], [], 0
     for o, n in zip(split(old_t, parts), split(new_t, parts)):
-        h, d = join(n, o)
+        h, f, d = join(n, o)
         hits += [by_block(h, 3)]
+        followers += f.to_pylist()
         dups += d
     got = {r[C.KEY]: (r["block"], r["file"], r["row"]) for per_block in hits for b, t in enumerate(per_block)
            for r in t.to_pylist() if r["block"] == b}
@@ -44,5 +46,14 @@ def test_partitioned_join_equals_a_brute_force_join() -> None:
     assert got == want  # every hit, in its block, pointing at the first stored row of that content
     misses = [s for s in new if s not in first]
     assert dups == len(misses) - len(set(misses))
+    # followers, by brute force: a content's representative is its row with the lowest (block, key); every
+    # other row of it in another block follows it (rows in the representative's block are the actor's)
+    rows = sorted(((i % 3, f"k{i}", s, f"p{i % 6}") for i, s in enumerate(new) if s not in first))
+    rep = {}
+    for block, key, s, piece in rows:
+        rep.setdefault(s, (block, key, piece))
+    want_f = {key: (block, rep[s][1], rep[s][2]) for block, key, s, piece in rows if block != rep[s][0]}
+    assert want_f  # the data has followers
+    assert {r[C.KEY]: (r["block"], r[C.FOLLOW], r[C.FOLLOW_PIECE]) for r in followers} == want_f
     assert sum(t.num_rows for t in split(new_t, parts)) == 400  # a null hash (unreadable record) is never looked up
     assert pc.all(pc.is_valid(pa.concat_tables(split(new_t, parts))[C.CONTENT_HASH])).as_py()
