@@ -10,8 +10,13 @@ sets ``FEATX_FAILPOINTS`` in the environment of the ``featx`` command it starts:
   ``commit-before-manifest``, ``commit-before-delta``).
 - ``driver-pause:<point>:<seconds>``: the driver sleeps that long the first time it passes ``<point>`` (a test
   then acts while the run is certainly still running).
+- ``driver-wait:<point>:<file>``: the driver waits at ``<point>`` until ``<file>`` exists (at most 300 s): the
+  test decides when it goes on. Points include ``commit-start`` (before the commit checks the lease).
+- ``lease-stop``: the lease's heartbeat stops renewing it (as a driver whose renewals all fail would).
 - ``crash-key:<key>``: any worker process that is about to preprocess the record ``<key>`` kills itself,
   as a native decoder crash would, every time.
+- ``hang-key:<key>``: any worker process that is about to preprocess the record ``<key>`` hangs there (sleeps
+  until killed), as a decoder stuck on a pathological file would, every time.
 - ``crash-embed-once:<key>``: the embedding actor that is about to embed ``<key>`` kills itself, the first
   time only (a marker file in the temp folder remembers it), as a lost worker or node would.
 - ``actors-meet:<n>:<folder>``: each embedding actor holds its first block until ``n`` actors have each
@@ -55,6 +60,13 @@ def failpoint(point: str) -> None:
             if name == point and _passed[point] == 1:
                 time.sleep(float(seconds))
             continue
+        if e.startswith("driver-wait:"):  # driver-wait:<point>:<file>: hold the driver until the file exists
+            name, _, path = e[len("driver-wait:"):].partition(":")
+            if name == point:
+                deadline = time.monotonic() + 300
+                while not os.path.exists(path) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            continue
         if not e.startswith("driver:"):
             continue
         name, _, nth = e[len("driver:"):].partition("@")
@@ -62,13 +74,24 @@ def failpoint(point: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def active(name: str) -> bool:
+    """Whether a test switched on the flag-like failpoint ``name`` (e.g. ``lease-stop``)."""
+    return bool(os.environ.get(ENV)) and name in _entries()
+
+
 def crash_on_keys(keys: Iterable[str]) -> None:
-    """Kill this worker process if it is about to process a record a test marked as a crasher."""
+    """Kill this worker process if it is about to process a record a test marked as a crasher; hang it forever
+    if the record is marked as a hanger (only a deadline gets it out: operators/watchdog.py)."""
     if not os.environ.get(ENV):
         return
+    keys = set(keys)
     bad = {e[len("crash-key:"):] for e in _entries() if e.startswith("crash-key:")}
     if bad and not bad.isdisjoint(keys):
         os.kill(os.getpid(), signal.SIGKILL)
+    hang = {e[len("hang-key:"):] for e in _entries() if e.startswith("hang-key:")}
+    if hang and not hang.isdisjoint(keys):
+        while True:
+            time.sleep(3600)
 
 
 def crash_embed_once(keys: Iterable[str]) -> None:

@@ -229,7 +229,7 @@ class EmbedConfig(JobConfig, InputFields, BackboneFields, ComputeFields, RayFiel
                                                      "unreferenced files are deleted")
     reuse: Literal["content", "none"] = Field(
         "content", description="content: a record whose content_hash the published snapshot holds (same model, "
-        "preprocessing, dtype and read options) takes the stored vector, and identical contents in one block are "
+        "preprocessing, dtype and read options) takes the stored vector, and identical contents in the run are "
         "embedded once; none: every record of a new or changed shard goes to the model")
 
     # -- fault tolerance
@@ -240,7 +240,11 @@ class EmbedConfig(JobConfig, InputFields, BackboneFields, ComputeFields, RayFiel
     journal_interval_s: float = Field(5.0, ge=0, description="Finished pieces are journalled (and survive a crash) at "
                                                              "least this often")
     max_record_attempts: int = Field(2, ge=1, description="Tries of one record alone before it is quarantined to "
-                                                          "_errors as WorkerCrashed")
+                                                          "_errors as WorkerCrashed (or WorkerHung)")
+    task_timeout_s: float = Field(
+        900.0, ge=0, description="Floor of the deadline of one block of work (a read task, an embedding actor call, "
+        "an isolation call): a block still running after max(this, 20 x its rows x the rate measured so far) is "
+        "killed as stuck, retried, then isolated; a record that hangs alone is quarantined as WorkerHung. 0: off")
 
     # -- the model (with BackboneFields)
     model: str = "minilm-l6"

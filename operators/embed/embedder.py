@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from operators import columns as C
 from operators.embed.autotune import BatchTuner, tune_limit
@@ -527,7 +528,8 @@ class EmbedActor:
     def __init__(self, spec: ModelSpec, batch_size: int, precision: str, num_gpus: float, torch_threads: int,
                  decode_images: bool = False, streams: int = 1, autotune: bool = False,
                  max_batch_size: int | None = None, onednn_cache: int | None = ONEDNN_CACHE,
-                 torch_compile: bool = False, dedupe: bool = True) -> None:
+                 torch_compile: bool = False, dedupe: bool = True, task_timeout_s: float = 0.0,
+                 board: str | None = None) -> None:
         if onednn_cache is not None:  # read by oneDNN at its first primitive: before the model's first forward
             os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(onednn_cache))
         import torch
@@ -553,8 +555,18 @@ class EmbedActor:
         self.ready_at = time.time()  # model loaded: the report's start-up timeline
         self._trim = malloc_trim()
         self.dedupe = dedupe  # identical contents in a block: embedded once (reuse: content)
+        self.deadline = (task_timeout_s, board)  # a call still running past its deadline kills this actor
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        from operators.watchdog import Watchdog
+
+        pieces = pc.unique(table[C.PIECE]).to_pylist() if C.PIECE in table.column_names and table.num_rows else []
+        label = f"block of piece {pieces[0] if pieces else '?'}" + (f" (+{len(pieces) - 1} more)" if len(pieces) > 1 else "")
+        with Watchdog("embed", self.deadline[0], label, self.deadline[1]) as wd:
+            wd.size(table.num_rows)
+            return self._call(table)
+
+    def _call(self, table: pa.Table) -> pa.Table:
         if os.environ.get(FAULTS_ENV):  # kill tests only; one lookup otherwise
             crash_embed_once(table[C.KEY].to_pylist())
             actors_meet(self.actor_id)

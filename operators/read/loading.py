@@ -106,14 +106,17 @@ def read_piece(piece_shards: list[dict[str, Any]], ropts: ReadOptions, part: int
 
 def load_piece(piece_shards: list[dict[str, Any]], piece: str, ropts: ReadOptions,
                pre: ImagePreprocess | TextPreprocess | None, part: int = 0, parts: int = 1,
-               stored: Any = None, held: Any = None) -> pa.Table:
+               stored: Any = None, held: Any = None, sized: Any = None) -> pa.Table:
     """Read + preprocess the shards of one piece that need embedding: all their records, or slice ``part``
     of ``parts`` equal row ranges (a big piece is read in slices so that several actors share it; each
     slice reads the shards and keeps its own rows: reading is cheap beside embedding). ``stored`` and
-    ``held``: the block's reuse plan (:func:`stored_vectors`, :func:`held_rows`)."""
+    ``held``: the block's reuse plan (:func:`stored_vectors`, :func:`held_rows`). ``sized``: told the rows read
+    (a watchdog's deadline grows with them)."""
     t0 = time.perf_counter()
     retries0 = retries_done()
     raw, counts, n = read_piece(piece_shards, ropts, part, parts)
+    if sized is not None:
+        sized(raw.num_rows)
     reuse = follow = None
     if stored is not None or held is not None:
         raw = raw.append_column(C.CONTENT_HASH, content_hashes(raw[C.PAYLOAD]))
@@ -164,18 +167,28 @@ def stored_vectors(plan_uri: str | None, output: str, storage_options: dict[str,
 
 
 def load_pieces(batch: pa.Table, ropts: ReadOptions, pre: ImagePreprocess | TextPreprocess | None,
-                output: str = "", storage_options: dict[str, Any] | None = None) -> pa.Table:
+                output: str = "", storage_options: dict[str, Any] | None = None,
+                deadline: tuple[float, str | None] | None = None) -> pa.Table:
     """map_batches function over piece descriptors (one row per piece, or per slice of a piece). With a reuse
     lookup (pipelines/embed/reuse.py) the block names its plans: ``plan`` (rows whose content the snapshot
-    holds take the stored vector) and ``follow`` (rows whose content another block of the run embeds)."""
+    holds take the stored vector) and ``follow`` (rows whose content another block of the run embeds).
+    ``deadline``: (``task_timeout_s``, the run's block board): a block still running past its deadline kills
+    this worker (:mod:`operators.watchdog`)."""
+    from operators.watchdog import Watchdog
+
+    floor, board = deadline or (0.0, None)
+    pieces = batch["piece"].to_pylist()
     slices = batch["slice"].to_pylist() if "slice" in batch.column_names else [[0, 1]] * batch.num_rows
-    so = storage_options or {}
-    stored = held = None
-    if "plan" in batch.column_names:  # this run looked its records up in the published snapshot
-        stored = stored_vectors(batch["plan"][0].as_py(), output, so, batch["reuse_dim"][0].as_py())
-    if "follow" in batch.column_names:  # ... and across the blocks of the run
-        held = held_rows(batch["follow"][0].as_py(), so)
-    out = [load_piece(json.loads(s), p, ropts, pre, *sl, stored=stored, held=held)
-           for p, s, sl in zip(batch["piece"].to_pylist(), batch["shards"].to_pylist(), slices)]
-    out = [t for t in out if t.num_rows] or out[:1]  # an empty slice adds nothing (and no schema clash)
-    return pa.concat_tables(out, promote_options="permissive") if len(out) > 1 else out[0]
+    label = f"block of piece {pieces[0]}" + (f" (+{len(pieces) - 1} more)" if len(pieces) > 1 else "") + \
+        (f", slice {slices[0][0] + 1}/{slices[0][1]}" if slices and slices[0][1] > 1 else "")
+    with Watchdog("read", floor, label, board) as wd:
+        so = storage_options or {}
+        stored = held = None
+        if "plan" in batch.column_names:  # this run looked its records up in the published snapshot
+            stored = stored_vectors(batch["plan"][0].as_py(), output, so, batch["reuse_dim"][0].as_py())
+        if "follow" in batch.column_names:  # ... and across the blocks of the run
+            held = held_rows(batch["follow"][0].as_py(), so)
+        out = [load_piece(json.loads(s), p, ropts, pre, *sl, stored=stored, held=held, sized=wd.size)
+               for p, s, sl in zip(pieces, batch["shards"].to_pylist(), slices)]
+        out = [t for t in out if t.num_rows] or out[:1]  # an empty slice adds nothing (and no schema clash)
+        return pa.concat_tables(out, promote_options="permissive") if len(out) > 1 else out[0]

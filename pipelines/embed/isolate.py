@@ -53,13 +53,17 @@ class Isolator:
 
     def process(self, piece: str, shard: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
         from operators.read.loading import prepare_rows
+        from operators.watchdog import Watchdog
 
         table = self._table(shard)
-        rows = prepare_rows(table.slice(lo, hi - lo), piece, self.read_pre, 0.0,
-                            shard_rows={shard["uri"]: table.num_rows})
-        if self._embedder is None:
+        if self._embedder is None:  # the model loads outside the deadline
             self._embedder = EmbedActor(**self.embed_args)
-        out = write_piece(self._embedder(rows), self.sink).to_pylist()
+        # a slice still running past its deadline kills this actor (the driver sees a hang: WorkerHung)
+        with Watchdog("isolate", self.embed_args.get("task_timeout_s"), f"isolating rows {lo}-{hi} of {shard['rel']}") as wd:
+            wd.size(hi - lo)
+            rows = prepare_rows(table.slice(lo, hi - lo), piece, self.read_pre, 0.0,
+                                shard_rows={shard["uri"]: table.num_rows})
+            out = write_piece(self._embedder(rows), self.sink).to_pylist()
         return out[0] if out else {}
 
 
@@ -70,6 +74,7 @@ class Isolation:
     quarantined: int = 0
     calls: int = 0
     crashes: int = 0
+    hangs: int = 0  # calls that hung (no result by their deadline)
 
 
 def _is_storage_error(e: BaseException) -> bool:
@@ -79,10 +84,17 @@ def _is_storage_error(e: BaseException) -> bool:
 
 def isolate(failed: list[PieceWork], actor_options: dict[str, Any], actor_args: dict[str, Any], sink: SinkOptions,
             max_record_attempts: int, max_quarantined: int,
-            progress: Callable[[str], None] = print) -> Isolation:
-    """Rebuild the ``failed`` pieces slice by slice; quarantine the records that fail alone every time."""
+            progress: Callable[[str], None] = print, task_timeout_s: float = 0.0,
+            seconds_per_row: float | None = None) -> Isolation:
+    """Rebuild the ``failed`` pieces slice by slice; quarantine the records that fail alone every time.
+
+    Each call has a deadline (:func:`operators.watchdog.deadline_for`: ``task_timeout_s`` as the floor, the
+    stream's measured ``seconds_per_row``): a call with no result by then hung; its actor is killed and
+    restarted, and a record that hangs alone every time is quarantined as ``WorkerHung``."""
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    from operators.watchdog import deadline_for
 
     iso = Isolation()
     actor = ray.remote(Isolator).options(max_restarts=-1, max_task_retries=0, **actor_options).remote(**actor_args)
@@ -98,14 +110,30 @@ def isolate(failed: list[PieceWork], actor_options: dict[str, Any], actor_args: 
                     raise PipelineError("the isolation actor did not come back after a crash within 300 s") from None
                 time.sleep(0.5)
 
-    def call(method: str, *args: Any) -> tuple[bool, Any]:
+    hung: dict[str, bool] = {"last": False}  # whether the last failed call hung (else it crashed or raised)
+
+    def call(method: str, *args: Any, rows: int = 0) -> tuple[bool, Any]:
         iso.calls += 1
+        hung["last"] = False
+        limit = deadline_for(rows, seconds_per_row, task_timeout_s) + 30.0 if task_timeout_s else None
+        t0 = time.monotonic()
         try:
-            return True, ray.get(getattr(actor, method).remote(*args))
+            return True, ray.get(getattr(actor, method).remote(*args), timeout=limit)
+        except GetTimeoutError:  # no result by its deadline: stuck; kill it (the actor restarts)
+            iso.crashes += 1
+            iso.hangs += 1
+            hung["last"] = True
+            ray.kill(actor, no_restart=False)
+            wait_restarted()
+            return False, f"no result after {time.monotonic() - t0:.0f} s (task_timeout_s={task_timeout_s:g}): the worker hung"
         except RayActorError as e:  # the worker process died (or its node went away)
             iso.crashes += 1
+            # killed by its own watchdog (operators.watchdog): a deadline passed, the work hung
+            hung["last"] = bool(task_timeout_s) and time.monotonic() - t0 >= task_timeout_s
+            iso.hangs += int(hung["last"])
             wait_restarted()  # so the next try meets a live actor, not the restart
-            return False, f"the worker process died: {str(e).splitlines()[0][:300]}"
+            what = "the worker hung and was killed at its deadline" if hung["last"] else "the worker process died"
+            return False, f"{what}: {str(e).splitlines()[0][:300]}"
         except RayTaskError as e:
             if _is_storage_error(e):
                 raise StorageError(f"storage failed while re-running a failed piece; nothing was published: "
@@ -139,7 +167,7 @@ def isolate(failed: list[PieceWork], actor_options: dict[str, Any], actor_args: 
                         continue
                     tries = max_record_attempts if hi - lo == 1 else 1
                     for _ in range(tries):
-                        ok, res = call("process", w.piece.id, shard, lo, hi)
+                        ok, res = call("process", w.piece.id, shard, lo, hi, rows=hi - lo)
                         if ok:
                             break
                     if ok:
@@ -150,9 +178,10 @@ def isolate(failed: list[PieceWork], actor_options: dict[str, Any], actor_args: 
                         mid = (lo + hi) // 2
                         stack += [(mid, hi), (lo, mid)]
                         continue
+                    kind = "WorkerHung" if hung["last"] else "WorkerCrashed"
                     _, keys = call("keys", shard, lo, hi)
                     key, source = keys[0] if isinstance(keys, list) and keys else (f"{s.rel}#{lo}", s.uri)
-                    quarantine.append({C.KEY: key, C.SOURCE: source, "stage": "worker", "error_type": "WorkerCrashed",
+                    quarantine.append({C.KEY: key, C.SOURCE: source, "stage": "worker", "error_type": kind,
                                        "message": f"record {key!r} failed {tries} times alone (after its block's "
                                                   f"retries): {res}"})
                     iso.quarantined += 1

@@ -78,6 +78,7 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print, command
         raise
     finally:
         lease.release()
+        report.lease_renewals = lease.renewals
     return report.to_dict()
 
 
@@ -127,7 +128,7 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
                        embedding_dtype=cfg.embedding_dtype, storage_options=so, staging=staging.prefix)
     tracker = Tracker(todo, staging)
     if todo:
-        stream_pieces(cfg, spec, report, todo, sink, tracker, t_start, base)
+        stream_pieces(cfg, spec, report, todo, sink, tracker, t_start, base, progress)
         awaiting = tracker.awaiting_fill()  # rows held back for a representative in another block
         failed = [w for w in todo if w.piece.id not in tracker.records and w.piece.id not in awaiting]
         if failed:
@@ -177,6 +178,7 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
     report.seconds = round(elapsed, 3)
     report.rows_per_second = round(report.rows_in / elapsed, 2) if elapsed > 0 else 0.0
     report.storage_retries += retries_done() - driver_retries
+    report.lease_renewals = lease.renewals
     save_report(cfg, report)
 
 
@@ -209,10 +211,20 @@ def _isolate(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, failed: list[
                     "embed_args": embed_actor_args(cfg, spec, report.resources["torch_threads"])},
         sink=sink, max_record_attempts=cfg.max_record_attempts,
         max_quarantined=max(3, int(cfg.max_error_fraction * max(expected, 1))), progress=progress,
+        task_timeout_s=cfg.task_timeout_s, seconds_per_row=_seconds_per_row(tracker),
     )
-    report.quarantined, report.isolation_calls = iso.quarantined, iso.calls
+    report.quarantined, report.isolation_calls, report.isolation_hangs = iso.quarantined, iso.calls, iso.hangs
     for w in failed:
         tracker.finish(w.piece.id, iso.results[w.piece.id], read_counts=iso.shard_rows[w.piece.id])
+
+
+def _seconds_per_row(tracker: Tracker) -> float | None:
+    """The stream's measured seconds per row (read + preprocess + embed), from the parts written so far."""
+    parts = [p for ps in tracker.embed_parts.values() for p in ps]
+    rows = sum(p["rows"] + p["error_rows"] for p in parts)
+    seconds = sum(float(p.get("t_read") or 0) + float(p.get("t_preprocess") or 0) + float(p.get("t_embed") or 0)
+                  for p in parts)
+    return seconds / rows if rows and seconds else None
 
 
 def _check_error_budget(cfg: EmbedConfig, report: RunReport, sink: SinkOptions, error_files: list[str]) -> None:

@@ -47,7 +47,9 @@ class RunReport:
     rows_reused: int = 0
     rows_deduped: int = 0
     reuse: dict[str, Any] = field(default_factory=dict)  # the lookup: partitions, snapshot rows, hits, seconds
-    quarantined: int = 0  # records that crashed their worker every time and went to _errors
+    slow_blocks: list[dict[str, Any]] = field(default_factory=list)  # the slow tail, as the progress line named it
+    quarantined: int = 0
+    isolation_hangs: int = 0  # isolation calls that hung past their deadline (their records: WorkerHung)  # records that crashed their worker every time and went to _errors
     isolation_calls: int = 0
     storage_retries: int = 0  # featx's own retries of failed storage requests (driver, reads, writes, carries)
     published_rows: int = 0
@@ -70,6 +72,7 @@ class RunReport:
     cleanup: dict[str, int] = field(default_factory=dict)
     delta: dict[str, Any] = field(default_factory=dict)  # the Delta log after the run (pipelines.publish.delta)
     lease_taken_over: str = ""
+    lease_renewals: int = 0  # heartbeats that extended this run's lease
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import threading
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
@@ -31,16 +32,17 @@ def read_preprocessing(cfg: EmbedConfig, spec: ModelSpec) -> ImagePreprocess | T
     return None if cfg.image_decode == "actors" else spec.preprocessing
 
 
-def embed_actor_args(cfg: EmbedConfig, spec: ModelSpec, torch_threads: int) -> dict[str, Any]:
+def embed_actor_args(cfg: EmbedConfig, spec: ModelSpec, torch_threads: int, board: str | None = None) -> dict[str, Any]:
     """EmbedActor's constructor arguments (the streaming pool and the isolator build the same actor)."""
-    return {"spec": spec, "batch_size": cfg.batch_size, "precision": cfg.precision, "num_gpus": cfg.num_gpus,
+    return {"task_timeout_s": cfg.task_timeout_s, "board": board, "spec": spec, "batch_size": cfg.batch_size, "precision": cfg.precision, "num_gpus": cfg.num_gpus,
             "torch_threads": torch_threads, "decode_images": cfg.image_decode == "actors",
             "streams": actor_streams(cfg, torch_threads), "autotune": batch_autotune(cfg),
             "max_batch_size": cfg.max_batch_size, "torch_compile": cfg.torch_compile, "dedupe": cfg.reuse == "content"}
 
 
 def stream_pieces(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: list[PieceWork], sink: SinkOptions,
-                  tracker: Tracker, t_start: float, base: dict[str, Any] | None = None) -> None:
+                  tracker: Tracker, t_start: float, base: dict[str, Any] | None = None,
+                  progress: Callable[[str], None] = print) -> None:
     """The streaming pass: embed the new/changed shards of each piece; carry-over tasks run beside it.
     ``base``: the published manifest with this run's content fingerprint (its vectors can be reused)."""
     start_ray(cfg, report, t_start)
@@ -54,10 +56,10 @@ def stream_pieces(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: li
 
         blocks, report.reuse = plan_reuse(cfg, blocks, stored, sink.staged("reuse"))
         report.storage_retries += report.reuse["storage_retries"]
-    with data_context(cfg):
+    with data_context(cfg), SlowTail(cfg, report, progress) as tail:
         try:
             if blocks:
-                ds = embedding_dataset(cfg, spec, report.resources, blocks, sink)
+                ds = embedding_dataset(cfg, spec, report.resources, blocks, sink, tail.name)
                 carry.pump(block=False)
                 collect(ds, report, tracker, carry, t_start)
                 report.operators = operator_names(ds)
@@ -74,6 +76,56 @@ def start_ray(cfg: EmbedConfig, report: RunReport, t_start: float) -> None:
     init_ray(cfg.ray_address, {k: 10_000.0 for k in {**cfg.preprocess_resources, **cfg.embed_resources}})
     report.startup["ray_ready"] = round(time.perf_counter() - t_start, 3)
     report.resources = check_resources(cfg)
+
+
+class SlowTail:
+    """The run's block board (:class:`operators.watchdog.BlockBoard`) and a thread that names, in the progress
+    line, the blocks running far longer than their peers (3x their stage's median), every few seconds."""
+
+    def __init__(self, cfg: EmbedConfig, report: RunReport, progress: Callable[[str], None]) -> None:
+        self.name = f"featx-board-{report.run_id}"
+        self.progress = progress
+        self.interval = min(10.0, max(0.5, cfg.task_timeout_s / 4)) if cfg.task_timeout_s else 10.0
+        self.report = report
+        self._stop = threading.Event()
+        self._board: Any = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "SlowTail":
+        import ray
+
+        from operators.watchdog import BlockBoard
+
+        self._board = ray.remote(BlockBoard).options(name=self.name, num_cpus=0).remote()
+        self._thread = threading.Thread(target=self._watch, name="featx-slow-tail", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        import ray
+
+        while not self._stop.wait(self.interval):
+            try:
+                slow = ray.get(self._board.slow.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - informative only
+                continue
+            if slow:
+                self.report.slow_blocks = (self.report.slow_blocks + slow)[-50:]
+                self.progress("slow tail: " + "; ".join(
+                    f"{b['block']} ({b['stage']}) running {b['seconds']:.0f} s, {b['seconds'] / max(b['median'], 1e-3):.0f}x "
+                    f"its peers' median {b['median']:.1f} s" for b in slow[:3])
+                    + (f"; {len(slow) - 3} more" if len(slow) > 3 else ""))
+
+    def __exit__(self, *exc: Any) -> None:
+        import ray
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            ray.kill(self._board)
+        except Exception:  # noqa: BLE001
+            pass
 
 
 class CarryOver:
@@ -147,7 +199,7 @@ def data_context(cfg: EmbedConfig) -> Iterator[None]:
 
 
 def embedding_dataset(cfg: EmbedConfig, spec: ModelSpec, resources: dict[str, Any], blocks: list[pa.Table],
-                      sink: SinkOptions) -> Any:
+                      sink: SinkOptions, board: str | None = None) -> Any:
     """The Ray Data pipeline: read + preprocess tasks -> the embedding actor pool -> write tasks."""
     import ray
     import ray.data
@@ -163,7 +215,8 @@ def embedding_dataset(cfg: EmbedConfig, spec: ModelSpec, resources: dict[str, An
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(
-            load_pieces, fn_args=(read_options(cfg), read_preprocessing(cfg, spec), cfg.output, dict(cfg.storage_options)),
+            load_pieces, fn_args=(read_options(cfg), read_preprocessing(cfg, spec), cfg.output, dict(cfg.storage_options),
+                                  (cfg.task_timeout_s, board)),
             batch_size=None,
             batch_format="pyarrow", num_cpus=cfg.preprocess_num_cpus,
             # declared memory per task; differing from the actors' it also keeps Ray Data from fusing
@@ -173,7 +226,7 @@ def embedding_dataset(cfg: EmbedConfig, spec: ModelSpec, resources: dict[str, An
         )
         ds = ds.map_batches(
             EmbedActor,
-            fn_constructor_kwargs=embed_actor_args(cfg, spec, resources["torch_threads"]),
+            fn_constructor_kwargs=embed_actor_args(cfg, spec, resources["torch_threads"], board),
             # CPU: one call per block (a whole piece: length buckets span the piece). Ray Data insists on
             # a batch_size for GPU stages: there a call gets a window of 16 forward batches; a piece whose
             # rows land in several output blocks is written as several parts, journalled once all are in.

@@ -124,6 +124,7 @@ def commit_run(
 
     ``planned``: the URIs of every shard the run listed; the snapshot must account for each exactly once.
     """
+    failpoint("commit-start")
     lease.check()
     current = load_manifest(output, storage_options)
     if (current or {}).get("snapshot", 0) != base_snapshot:

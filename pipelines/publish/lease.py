@@ -18,7 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from operators.errors import FeatxError, StorageError
+from operators.errors import FeatxError, PipelineError, StorageError
+from operators.faults import active as failpoints_active
 from operators.io.storage import create_exclusive, delete, join, read_bytes, write_bytes
 
 LEASE = "_lease.json"
@@ -26,6 +27,10 @@ LEASE = "_lease.json"
 
 class OutputBusyError(FeatxError):
     """Another live run holds the output."""
+
+
+class LeaseLostError(OutputBusyError, PipelineError):
+    """This run's lease expired and another run took it: the run publishes nothing (a rerun may succeed)."""
 
 
 @dataclass
@@ -79,6 +84,7 @@ class Lease:
         self.uri = join(output, LEASE)
         self.lost: str | None = None  # why the lease is no longer ours, if it is not
         self.taken_over: LeaseInfo | None = None  # the stale lease this run replaced
+        self.renewals = 0  # heartbeats that extended the lease (a run longer than its TTL needs them)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._info: LeaseInfo | None = None
@@ -117,19 +123,26 @@ class Lease:
     def check(self) -> None:
         """Raise unless this run still holds the lease (called just before commit)."""
         if self.lost:
-            raise OutputBusyError(f"this run lost its lease on {self.output!r} ({self.lost}); nothing was published")
+            raise LeaseLostError(f"this run lost its lease on {self.output!r} ({self.lost}); nothing was published. "
+                                 "Its lease expired unrenewed (a stalled driver, or storage refusing the renewals); "
+                                 "the finished pieces are journalled: rerun, and they are adopted")
         holder = read_lease(self.output, self.storage_options)
         if holder is None or holder.run_id != self.run_id:
             self.lost = f"now held by {holder.describe()}" if holder else "the lease file was removed"
-            raise OutputBusyError(f"this run lost its lease on {self.output!r} ({self.lost}); nothing was published")
+            raise LeaseLostError(f"this run lost its lease on {self.output!r} ({self.lost}); nothing was published. "
+                                 "Its lease expired unrenewed (a stalled driver, or storage refusing the renewals); "
+                                 "the finished pieces are journalled: rerun, and they are adopted")
 
     def renew(self) -> None:
+        if failpoints_active("lease-stop"):  # kill tests: a heartbeat that never gets through
+            return
         holder = read_lease(self.output, self.storage_options)
         if holder is None or holder.run_id != self.run_id:
             self.lost = f"now held by {holder.describe()}" if holder else "the lease file was removed"
             return
         self._info = self._new_info()
         write_bytes(self.uri, json.dumps(asdict(self._info)).encode(), self.storage_options)
+        self.renewals += 1
 
     def _start_heartbeat(self) -> None:
         def beat() -> None:

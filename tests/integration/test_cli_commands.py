@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,42 @@ def test_failures_are_one_message_and_an_exit_code(work: dict[str, Any], tmp_pat
     not_a_head = featx("predict", "--model", str(tmp_path), "--embeddings", str(work["table"]),
                        "--output", str(tmp_path / "p"), cwd=tmp_path, expect=2)
     assert "not a trained featx head" in " ".join(not_a_head.err.split())
+
+
+def test_busy_output_bad_config_and_error_budget_exit_codes(work: dict[str, Any], tmp_path: Path) -> None:
+    """The exit-code contract, through the console script: a busy output exits 2 naming the holder, a bad config
+    exits 2 before any Ray starts, a run over its error budget exits 1 with the summary and publishes nothing."""
+    import getpass
+    import socket
+
+    from pipelines.publish.lease import LEASE
+
+    raytmp = tmp_path / "rt"
+    raytmp.mkdir()
+    quiet = _env(RAY_TMPDIR=str(raytmp))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    # a live run's lease: this test process on this host, expiring in an hour
+    (busy / LEASE).write_text(json.dumps({"run_id": "20261207T000000-holder", "host": socket.gethostname(),
+                                          "pid": os.getpid(), "user": getpass.getuser(), "acquired": time.time(),
+                                          "expires": time.time() + 3600}))
+    held = featx("embed", "--input", str(work["input"]), "--format", "jsonl", "--model", work["model"],
+                 "--output", str(busy), cwd=tmp_path, expect=2, env=quiet)
+    assert "run 20261207T000000-holder" in held.err and f"pid {os.getpid()}" in held.err
+    bad = featx("embed", "--input", str(work["input"]), "--format", "jsonl", "--model", work["model"],
+                "--output", str(tmp_path / "o"), "--set", "batch_size=-3", cwd=tmp_path, expect=2, env=quiet)
+    assert "batch_size" in bad.err
+    assert not any(raytmp.rglob("session_*")), "a command that was refused started Ray"
+
+    noisy = tmp_path / "noisy"  # 5 of 8 records empty: 62% failed, over max_error_fraction 0.01
+    noisy.mkdir()
+    (noisy / "a.jsonl").write_text("".join(json.dumps({"id": str(i), "text": "" if i < 5 else f"line {i}"}) + "\n"
+                                           for i in range(8)))
+    over = featx("embed", "--input", str(noisy), "--format", "jsonl", "--model", work["model"], "--set", "key_column=id",
+                 "--output", str(tmp_path / "over"), cwd=tmp_path, expect=1)
+    text = " ".join(over.err.split())
+    assert "5 of 8 records failed" in text and "preprocess/EmptyText x5" in text and "nothing new was published" in text
+    assert not (tmp_path / "over" / "_manifest.json").exists()
 
 
 def test_every_listed_command_ran(tmp_path: Path) -> None:

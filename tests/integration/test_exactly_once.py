@@ -247,6 +247,74 @@ def test_driver_killed_before_the_fill_pass_publishes_every_copy_once(tmp_path: 
         np.testing.assert_allclose(vec[f"zz-copies.jsonl#c{i}"], vec[f"aa-copies.jsonl#c{i}"], atol=1e-5)
 
 
+def test_records_that_kill_or_hang_their_worker_are_quarantined(tmp_path: Path, tiny_bert: str,
+                                                                clean_run: dict[str, Any]) -> None:
+    """failpoints crash-key (preprocessing one record kills its worker, every time) and hang-key (preprocessing
+    another never returns). The crashing block is isolated; the hanging read task is killed at its
+    deadline (task_timeout_s 2 s), then isolated. Each record is quarantined, as WorkerCrashed and
+    WorkerHung, the rest of their shards published, and the progress line named the stuck block while it ran."""
+    keys = _input(tmp_path / "in")
+    out = str(tmp_path / "out")
+    poison, stuck = sorted(keys)[5], sorted(keys)[30]
+    cfg = _cfg(str(tmp_path / "in"), out, tiny_bert, max_error_fraction=0.05, max_task_retries=0,
+               max_record_attempts=1, task_timeout_s=2)
+    done = _featx(tmp_path, cfg, failpoints=f"crash-key:{poison},hang-key:{stuck}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(Path(out, "_report.json").read_text())
+    assert report["quarantined"] == 2 and report["error_rows"] == 2 and report["rows_out"] == len(keys) - 2
+    assert report["isolation_hangs"] >= 2  # the hanging record's slices, then the record alone
+    table = _check_exact(out, keys, errors={poison, stuck})
+    clean = clean_run["table"]
+    _same_vectors(table, clean.filter(np.array([k not in (poison, stuck) for k in clean["key"].to_pylist()])))
+    import pyarrow.parquet as pq
+
+    errs = sorted((r for f in load_manifest(out)["error_files"] for r in pq.read_table(Path(out) / f["path"]).to_pylist()),
+                  key=lambda e: e["key"])
+    assert [(e["key"], e["stage"], e["error_type"]) for e in errs] == [(poison, "worker", "WorkerCrashed"),
+                                                                        (stuck, "worker", "WorkerHung")]
+    assert all("failed 1 times alone" in e["message"] for e in errs) and "hung" in errs[1]["message"]
+    assert "slow tail: block of piece" in done.stdout + done.stderr  # the stuck block was named while it ran
+    assert report["slow_blocks"] and report["slow_blocks"][0]["stage"] == "read"
+
+
+def test_runs_longer_than_the_lease_ttl_keep_it_and_a_run_whose_heartbeat_stops_loses_it(
+        tmp_path: Path, tiny_bert: str, clean_run: dict[str, Any]) -> None:
+    """Run A (a real ``featx embed``) never renews its 1.5 s lease (failpoint lease-stop) and waits before it
+    journals or commits anything. Once A's lease has expired, run B takes it over and, though it runs longer
+    than its own 1.5 s TTL, keeps it by its heartbeat and publishes. Then A goes on: it refuses to commit (its
+    lease is gone), so the output holds B's snapshot only, every row exactly once."""
+    from pipelines.publish.lease import read_lease
+
+    keys = _input(tmp_path / "in")
+    out = str(tmp_path / "out")
+    cfg = _cfg(str(tmp_path / "in"), out, tiny_bert, lease_ttl_s=1.5)
+    go = tmp_path / "go-on"
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    a = popen([sys.executable, "-m", "pipelines.cli", "embed", "--config", str(path)],
+              _child_env(f"lease-stop,driver-wait:journal:{go},driver-wait:commit-start:{go}"),
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # A's lease appears, then expires unrenewed
+            held = read_lease(out)
+            if held is not None and held.expires < time.time():
+                break
+            assert time.monotonic() < deadline and a.poll() is None, "run A never took (or outlived) its lease"
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        b = run_embed(build_config(None, cfg), progress=lambda m: None)
+        assert b["lease_taken_over"].startswith(f"run {held.run_id} ")
+        assert time.monotonic() - t0 > 1.5 and b["lease_renewals"] >= 2  # longer than its TTL, kept by renewals
+        go.write_text("")
+        _, err = a.communicate(timeout=300)
+    finally:
+        kill_group(a)
+    assert a.returncode == 1 and "lost its lease" in err.decode(), err.decode()[-2000:]  # a failed run, exit 1
+    assert load_manifest(out)["snapshot"] == 1 and load_manifest(out)["run_id"] == b["run_id"]
+    _same_vectors(_check_exact(out, keys), clean_run["table"])
+
+
 def _delta_keys(output: str) -> tuple[int | None, set[str]]:
     """The snapshot the Delta table's latest version shows, and its keys (read by deltalake)."""
     from deltalake import DeltaTable
@@ -282,24 +350,3 @@ def test_embedding_actor_killed_mid_run_is_replaced(tmp_path: Path, tiny_bert: s
     report = json.loads(Path(out, "_report.json").read_text())
     assert report["quarantined"] == 0 and report["rows_out"] == len(keys)
     _same_vectors(_check_exact(out, keys), clean_run["table"])
-
-
-def test_record_that_kills_its_worker_every_time_is_quarantined(tmp_path: Path, tiny_bert: str,
-                                                                clean_run: dict[str, Any]) -> None:
-    keys = _input(tmp_path / "in")
-    out = str(tmp_path / "out")
-    poison = sorted(keys)[5]
-    cfg = _cfg(str(tmp_path / "in"), out, tiny_bert, max_error_fraction=0.05, max_task_retries=1)
-    done = _featx(tmp_path, cfg, failpoints=f"crash-key:{poison}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(Path(out, "_report.json").read_text())
-    assert report["quarantined"] == 1 and report["error_rows"] == 1 and report["rows_out"] == len(keys) - 1
-    table = _check_exact(out, keys, errors={poison})
-    clean = clean_run["table"]
-    _same_vectors(table, clean.filter(np.array([k != poison for k in clean["key"].to_pylist()])))
-    m = load_manifest(out)
-    import pyarrow.parquet as pq
-
-    errs = pq.read_table(Path(out) / m["error_files"][0]["path"]).to_pylist()
-    assert [(e["key"], e["stage"], e["error_type"]) for e in errs] == [(poison, "worker", "WorkerCrashed")]
-    assert "failed 2 times alone" in errs[0]["message"]
