@@ -15,7 +15,9 @@ Steps, all with :func:`pipelines.embed.job.run_embed` on one local Ray started o
     pays every night. Off by default: it costs as much as ``full``, which is the baseline otherwise.
 
 Printed and written to ``benchmarks/results/refresh.json``: seconds and shards embedded per step, rows
-carried, listing time, and the ratios full / refresh. Run from the repository root::
+carried, listing time, and the ratios full / refresh. Before the 1% refresh, ``featx plan`` (its function)
+predicts the work and the time; its shard and piece counts must equal the refresh's (else the script
+fails), and its time is compared with the refresh's (``plan.error``: measured / estimated - 1). Run from the repository root::
 
     .venv/bin/python benchmarks/refresh.py                     # 10,000 shards, 1% changed, minilm-l6
     .venv/bin/python benchmarks/refresh.py --shards 1000       # quicker
@@ -272,7 +274,22 @@ def main() -> None:
         for i in rng.sample(range(args.shards), n_changed):
             lines = [json.dumps({"id": f"s{i}-{r}-v2", "text": rng.choice(sentences)}) for r in range(args.rows_per_shard)]
             (inp / f"shard-{i:06d}.jsonl").write_text("\n".join(lines) + "\n")
+        # featx plan before the refresh: its shard counts must be exact; its time is compared with the run's
+        from pipelines.embed.dryrun import plan_run
+
+        plan = plan_run(build_config(None, base))
         steps.append(step(f"refresh, {args.changed:.0%} changed", build_config(None, base), "refresh"))
+        planned = {"shards": plan["shards"], "pieces_to_build": plan["pieces"]["to_build"],
+                   "records_estimate": plan["embed"]["records_estimate"], "estimate": plan["estimate"],
+                   "measured_seconds": steps[-1]["seconds"],
+                   "error": round(steps[-1]["seconds"] / plan["estimate"]["seconds"] - 1, 3)
+                   if plan["estimate"].get("seconds") else None}
+        assert plan["shards"]["changed"] == n_changed == steps[-1]["shards_embedded"], (plan["shards"], steps[-1])
+        assert plan["shards"]["new"] == plan["shards"]["removed"] == 0
+        assert plan["pieces"]["to_build"] == steps[-1]["pieces_rebuilt"], (plan["pieces"], steps[-1])
+        print(f"featx plan said {plan['shards']['changed']} changed shards in {plan['pieces']['to_build']} pieces, "
+              f"about {plan['estimate'].get('seconds')} s ({plan['estimate']['basis']}); the refresh took "
+              f"{steps[-1]['seconds']:.1f} s (error {planned['error']})", flush=True)
         if args.full_rerun:
             steps.append(step("full rerun, same data", build_config(None, {**base, "output": str(work / "out-full")})))
         ray.shutdown()
@@ -283,7 +300,7 @@ def main() -> None:
         result = {
             "benchmark": "refresh", "shards": args.shards, "rows_per_shard": args.rows_per_shard,
             "changed_shards": n_changed, "model": args.model, "max_length": args.max_length, "listing_seconds": round(listing_s, 3),
-            "steps": steps,
+            "steps": steps, "plan": planned,
             "ratios": {"full_over_refresh_seconds": round(full["seconds"] / refresh["seconds"], 2),
                        "full_over_noop_refresh_seconds": round(full["seconds"] / steps[1]["seconds"], 2),
                        "refresh_shards_embedded_fraction": round(refresh["shards_embedded"] / args.shards, 4)},

@@ -85,6 +85,14 @@ class Watchdog:
         while not self._stop.wait(tick):
             elapsed = time.monotonic() - self._t0
             if elapsed > self.deadline:
+                board = _board(self.board_name)
+                if board is not None:  # the run's progress line names it (delivered before the kill)
+                    try:
+                        import ray
+
+                        ray.get(board.stuck.remote(self.label, self.stage, round(elapsed, 1), self.deadline), timeout=5)
+                    except Exception:  # noqa: BLE001 - informative only: the kill matters
+                        pass
                 sys.stderr.write(
                     f"featx: {self.label}: the {self.stage} step has run {elapsed:.1f} s, past its deadline of "
                     f"{self.deadline:.1f} s for {self.rows} rows (task_timeout_s={self.floor:g}); killing this "
@@ -110,6 +118,7 @@ class BlockBoard:
     def __init__(self) -> None:
         self.running: dict[tuple[str, str], float] = {}
         self.durations: dict[str, list[float]] = {}
+        self.killed: list[dict[str, Any]] = []  # blocks killed at their deadline, not yet reported
 
     def start(self, label: str, stage: str, at: float) -> None:
         self.running[(label, stage)] = at
@@ -118,9 +127,16 @@ class BlockBoard:
         self.running.pop((label, stage), None)
         self.durations.setdefault(stage, []).append(seconds)
 
+    def stuck(self, label: str, stage: str, seconds: float, deadline: float) -> None:
+        """A block's watchdog is about to kill its worker: it ran past its deadline."""
+        self.running.pop((label, stage), None)
+        self.killed.append({"block": label, "stage": stage, "seconds": seconds, "deadline": round(deadline, 1)})
+
     def slow(self, factor: float = 3.0, min_seconds: float = 1.0) -> list[dict[str, Any]]:
-        """Blocks running more than ``factor`` times their stage's median (and ``min_seconds``), longest first."""
-        return slow_blocks(self.running, self.durations, time.time(), factor, min_seconds)
+        """Blocks killed at their deadline since the last call, then blocks running more than ``factor`` times
+        their stage's median (and ``min_seconds``), longest first."""
+        killed, self.killed = self.killed, []
+        return killed + slow_blocks(self.running, self.durations, time.time(), factor, min_seconds)
 
 
 def slow_blocks(running: dict[tuple[str, str], float], durations: dict[str, list[float]], now: float,

@@ -30,7 +30,9 @@ def init_ray(ray_address: str | None = None, local_resources: dict[str, float] |
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True, resources=local_resources or None)
+        # "local": a Ray of this job's own, never whichever Ray happens to run on this machine (ray.init() with
+        # no address attaches to the latest one it finds: another user's, or one with other auth settings)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, resources=local_resources or None)
 
 
 def is_local(cfg: EmbedConfig) -> bool:

@@ -100,7 +100,7 @@ def upload(s3_fs: Any, local: str | Path, bucket: str, prefix: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3_server: dict[str, Any]) -> Iterator[None]:
+def ray_local(s3_server: dict[str, Any]) -> Iterator[Any]:
     """One real local Ray for the session (started after the S3 env vars are set, so workers inherit them)."""
     import ray
 
@@ -115,10 +115,28 @@ def ray_local(s3_server: dict[str, Any]) -> Iterator[None]:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
-    yield
+    yield cluster  # its ports: a test may read Ray's metrics endpoint (None: a Ray this process had already)
     ray.shutdown()
     if cluster is not None:
         cluster.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _session_ray_stays_connected(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test that used the session's Ray: if the test left this process disconnected from it (a
+    ray.shutdown, a lost driver connection), reconnect, so that the next test meets the session's Ray and not
+    whatever other Ray runs on the machine, and say which test it was."""
+    yield
+    if "ray_local" not in request.fixturenames:
+        return
+    import ray
+
+    cluster = request.getfixturevalue("ray_local")
+    if cluster is not None and not ray.is_initialized():
+        import warnings
+
+        ray.init(address=cluster.address, log_to_driver=False)
+        warnings.warn(f"{request.node.nodeid} left this process disconnected from the session's Ray; reconnected")
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="featx: feature extraction and transfer learning on Ray")
 
 # the order of `featx --help`
-for command in (embed_commands.embed, embed_commands.refresh, embed_commands.status,
+for command in (embed_commands.embed, embed_commands.refresh, embed_commands.plan, embed_commands.status,
                 learn_commands.train, learn_commands.finetune, learn_commands.tune, learn_commands.predict,
                 read_commands.query, read_commands.sql, read_commands.inspect, read_commands.index,
                 start_commands.demo, start_commands.models):

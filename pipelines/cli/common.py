@@ -77,14 +77,16 @@ def say(message: str) -> None:
 
 
 def job_config(cls: type[J], config: Optional[str], flags: dict[str, Any], sets: list[str],
-               saved_at: Optional[str] = None) -> J:
+               saved_at: Optional[str] = None, quiet: bool = False) -> J:
     """The one way a command gets its job config: defaults <- ``--config`` YAML (or, without one, the config a
     run saved at ``saved_at``) <- the command's flags (unset ones are None and skipped) <- ``--set`` pairs;
-    validated, and printed (secrets redacted) before any work starts."""
+    validated, and printed (secrets redacted) before any work starts (``quiet``: not printed)."""
     from pipelines.config import parse_set
 
     overrides = {**flags, **parse_set(sets)}
     cfg = cls.from_saved(saved_at, overrides) if config is None and saved_at else cls.build(config, overrides)
+    if quiet:
+        return cfg
     console.print("[dim]resolved config:[/]", highlight=False)
     console.print(cfg.dump(), highlight=False, markup=False)
     return cfg

@@ -36,18 +36,27 @@ def embed(
     _show_report(report, json_out)
 
 
+# options refresh and plan share (one OptionInfo may serve several commands)
+SAVED_OUTPUT = typer.Option(None, "--output", help="Output URI; without --config its saved config is used")
+SETS = typer.Option([], "--set", help=SET_HELP)
+
+
 def refresh(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="The YAML config of the job to refresh"),
-    output: Optional[str] = typer.Option(None, "--output", help="Output URI; without --config its saved config is "
-                                                                "used"),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    output: Optional[str] = SAVED_OUTPUT,
+    set_: list[str] = SETS,
     json_out: bool = typer.Option(False, "--json", help="Print the run report as JSON"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what the refresh would do and how long it would "
+                                 "take (as featx plan); exit 0 when nothing would change, 3 when work is pending"),
 ) -> None:
     """Embed only new or changed shards; drop removed ones; keep the rest. Safe to run from cron."""
     from operators.errors import ConfigError
     from pipelines.config import EmbedConfig
     from pipelines.embed.job import run_embed
 
+    if dry_run:
+        plan(config=config, output=output, set_=set_, json_out=json_out)
+        return
     with job_run():
         if config is None and output is None:
             raise ConfigError("refresh needs --config FILE, or --output URI of a table featx wrote "
@@ -55,6 +64,53 @@ def refresh(
         cfg = job_config(EmbedConfig, config, {"output": output}, set_, saved_at=output)
         report = run_embed(cfg, progress=say, command="refresh")
     _show_report(report, json_out)
+
+
+EXIT_PENDING = 3  # featx plan: work is pending (cron can branch on it)
+
+
+def plan(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="The YAML config of the job"),
+    output: Optional[str] = SAVED_OUTPUT,
+    set_: list[str] = SETS,
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON"),
+) -> None:
+    """What the next refresh would do (shards, pieces, bytes, records) and how long it would take, from this
+    output's earlier runs. Nothing is written and no Ray starts. Exit 0: nothing would change; 3: work pending."""
+    from operators.errors import ConfigError
+    from pipelines.config import EmbedConfig
+    from pipelines.embed.dryrun import plan_run
+
+    with featx_errors():
+        if config is None and output is None:
+            raise ConfigError("plan needs --config FILE, or --output URI of a table featx wrote (its saved config "
+                              "is used)")
+        cfg = job_config(EmbedConfig, config, {"output": output}, set_, saved_at=output, quiet=True)
+        p = plan_run(cfg)
+    if json_out:
+        print_json(p)
+    else:
+        Console().print(plan_lines(p), highlight=False)
+    raise typer.Exit(EXIT_PENDING if p["pending"] else 0)
+
+
+def plan_lines(p: dict[str, Any]) -> str:
+    """The plan in a few lines of at most 80 columns."""
+    sh, pc, em, est = p["shards"], p["pieces"], p["embed"], p["estimate"]
+    lines = [f"{p['output']}: snapshot {p['snapshot'] or 'none yet'}, model {p['model']}",
+             f"shards: {sh['new']} new, {sh['changed']} changed, {sh['removed']} removed, {sh['unchanged']} unchanged",
+             f"pieces: {pc['to_build']} to build, {pc['kept']} kept; rows carried over: {p['carry_rows']}",
+             f"to embed: {em['shards']} shards, {em['bytes'] / 1e6:.2f} MB, about "
+             f"{em['records_estimate'] if em['records_estimate'] is not None else '?'} records"]
+    if p["reembed_everything"]:
+        lines.append("the model or its settings changed: everything is embedded again")
+    if not p["pending"]:
+        lines.append("nothing would change: no new snapshot")
+    elif est.get("seconds") is None:
+        lines.append(f"time: {est['basis']}")
+    else:
+        lines.append(f"time: about {est['seconds']:.0f} s ({est['basis']})")
+    return "\n".join(lines)
 
 
 def _show_report(report: dict[str, Any], json_out: bool) -> None:
@@ -77,10 +133,11 @@ def status(
                                 "Delta logs); takes the output's lease like any writer"),
     keep_snapshots: int = typer.Option(5, "--keep-snapshots", min=1, help="With --repair: the output's keep_snapshots "
                                        "(only kept snapshots get their missing versions)"),
+    limit: int = typer.Option(10, "--limit", min=1, help="Show the newest N runs"),
     storage: list[str] = typer.Option([], "--storage-option", "-o", help=STORAGE_HELP),
 ) -> None:
     """What is published (snapshot, Delta version, shards, rows, errors, model) and the history of runs."""
-    from pipelines.publish.status import RUN_FIELDS, output_status
+    from pipelines.publish.status import output_status
     from pipelines.publish.status import repair as repair_delta
 
     with featx_errors():
@@ -89,7 +146,8 @@ def status(
             if not json_out:
                 Console().print(f"repair: {len(fixed['written'])} Delta versions written "
                                 f"{fixed['written'] or ''}".rstrip())
-        st = output_status(output, storage_options(storage))
+        st = output_status(output, storage_options(storage), last_runs=limit)
+    st["runs"] = st["runs"][::-1]  # newest first
     if json_out:
         print_json(st)
         return
@@ -106,10 +164,31 @@ def status(
         r = st["running"]
         what = "stale lease (that run died; the next run takes over): " if r["stale"] else "running now: "
         out.print(what + r["what"])
-    runs = Table(*RUN_FIELDS, title="runs")
-    for r in st["runs"]:
-        runs.add_row(*[str(r.get(k)) for k in RUN_FIELDS])
-    out.print(runs)
+    out.print(runs_table(st["runs"], limit))
+
+
+RUN_COLUMNS = ("run", "command", "status", "started", "rows", "model", "reused", "errors", "secs")
+
+
+def runs_table(runs: list[dict[str, Any]], limit: int) -> Table:
+    """The run history, newest first, in columns that fit 80 characters (featx status --json has every field)."""
+    t = Table(*RUN_COLUMNS, title=f"runs (newest first, at most {limit}; --json for every field)", box=None,
+              pad_edge=False, padding=(0, 1))
+    for r in runs:
+        run_id = str(r.get("run_id") or "")
+        started = str(r.get("started") or "")[5:16].replace("T", " ")  # MM-DD HH:MM
+        secs = r.get("seconds")
+        t.add_row(run_id[-6:], str(r.get("command") or ""), str(r.get("status") or ""), started,
+                  _n(r.get("rows_in")), _n(r.get("rows_embedded")), _n(r.get("rows_reused")), _n(r.get("error_rows")),
+                  f"{secs:.0f}" if isinstance(secs, (int, float)) else "")
+    return t
+
+
+def _n(v: Any) -> str:
+    if v is None:
+        return ""
+    v = int(v)
+    return f"{v / 1e6:.1f}M" if v >= 10**6 else f"{v / 1e3:.1f}k" if v >= 10**4 else str(v)
 
 
 def delta_line(d: dict) -> str:

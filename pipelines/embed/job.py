@@ -15,13 +15,14 @@ from typing import Any, Callable
 
 from operators.errors import ConfigError, InputError, PipelineError, StorageError
 from operators.io.parquet import read_parquet
-from operators.io.storage import Shard, join, list_shards, retries_done, short_hash, still_present
+from operators.io.storage import join, retries_done, short_hash, still_present
 from operators.models.specs import ModelSpec
 from operators.read.formats import FORMATS
 from operators.write.sink import SinkOptions
 from pipelines import __version__
 from pipelines.config import EmbedConfig, model_spec, read_options
-from pipelines.embed.plan import PieceWork, plan_pieces, plan_work
+from pipelines.embed.dryrun import estimate, survey, work_of
+from pipelines.embed.plan import PieceWork
 from pipelines.embed.report import LIST_CAP, RunReport, account, new_parts, save_report, startup_timeline
 from pipelines.embed.stream import embed_actor_args, read_preprocessing, stream_pieces
 from pipelines.embed.tracker import Tracker
@@ -29,6 +30,7 @@ from pipelines.publish.commit import Staging, adoptable, clean_up, commit_run
 from pipelines.publish.delta import mirror
 from pipelines.publish.lease import Lease
 from pipelines.publish.manifest import load_manifest, now
+from pipelines.publish.status import run_reports
 
 
 def _check_output_outside_input(cfg: EmbedConfig) -> None:
@@ -93,19 +95,16 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
                          "run `featx embed` with this config first")
     # a run killed between its manifest and its Delta commit, or a table from before Delta logs: catch up first
     report.delta = mirror(cfg.output, previous, so, cfg.keep_snapshots, progress)
-    shards: list[Shard] = list_shards(cfg.input, FORMATS[cfg.format].extensions, so, cfg.shard_fingerprint)
-    pieces = plan_pieces(shards, cfg.piece_max_shards, int(cfg.piece_target_mb * (1 << 20)))
-    base = previous if previous and previous.get("content_fingerprint") == cfp else None
+    shards, pieces, previous, base, plan, removed = survey(cfg, cfp)
     if previous and base is None:
         report.reembed_reason = ("the model, its preprocessing, the embedding dtype or the read options changed: "
                                  "every shard is embedded again into a new snapshot")
         progress(report.reembed_reason)
     report.base_snapshot = (previous or {}).get("snapshot", 0)
-    plan = plan_work(pieces, base)
+    # the time `featx plan` would have predicted: the report compares it with the run's own
+    report.estimate = estimate(work_of(plan, previous, base, removed), run_reports(cfg.output, so), spec.name)
     adopted = adoptable(cfg.output, cfp, {w.piece.id for w in plan.todo}, report.run_id, so)
     todo = [w for w in plan.todo if w.piece.id not in adopted]
-    removed = sorted({s["rel"] for p in (previous or {}).get("pieces", []) for s in p["shards"]}
-                     - {s.rel for s in shards})
     _confirm_removed(cfg, previous, removed)
     report.shards_total, report.pieces_total = len(shards), len(pieces)
     report.changes = {"added": plan.added[:LIST_CAP], "changed": plan.changed[:LIST_CAP], "removed": removed[:LIST_CAP],
@@ -114,6 +113,7 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
     report.pieces_adopted = len(adopted)
     report.shards_adopted = sum(len(w.embed) for w in plan.todo if w.piece.id in adopted)
     embedded = sorted(s.rel for w in todo for s in w.embed)
+    report.bytes_embedded = sum(s.size for w in todo for s in w.embed)
     report.shards_embedded = embedded[:LIST_CAP]
     report.shards_processed = len(embedded)
     report.shards_skipped = len(shards) - len(embedded) - report.shards_adopted
@@ -176,9 +176,16 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
     report.snapshot = manifest["snapshot"]
     report.published_rows, report.published_error_rows = manifest["rows"], manifest["error_rows"]
     report.seconds = round(elapsed, 3)
+    if report.estimate.get("seconds"):
+        report.estimate["measured_seconds"] = report.seconds
+        report.estimate["error"] = round(report.seconds / report.estimate["seconds"] - 1, 3)
     report.rows_per_second = round(report.rows_in / elapsed, 2) if elapsed > 0 else 0.0
     report.storage_retries += retries_done() - driver_retries
     report.lease_renewals = lease.renewals
+    if todo:  # the run used Ray: its figures go to the cluster's metrics too
+        from pipelines.embed.metrics import publish
+
+        report.metrics = publish(report.to_dict())
     save_report(cfg, report)
 
 

@@ -71,6 +71,9 @@ class RunReport:
     operators: list[str] = field(default_factory=list)  # Ray Data's physical operators, as executed
     cleanup: dict[str, int] = field(default_factory=dict)
     delta: dict[str, Any] = field(default_factory=dict)  # the Delta log after the run (pipelines.publish.delta)
+    metrics: dict[str, float] = field(default_factory=dict)  # what went to Ray's metrics (pipelines.embed.metrics)
+    estimate: dict[str, Any] = field(default_factory=dict)  # featx plan's time for this run, and the time it took
+    bytes_embedded: int = 0  # input bytes of the shards this run embedded
     lease_taken_over: str = ""
     lease_renewals: int = 0  # heartbeats that extended this run's lease
 

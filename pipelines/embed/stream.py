@@ -96,36 +96,50 @@ class SlowTail:
 
         from operators.watchdog import BlockBoard
 
-        self._board = ray.remote(BlockBoard).options(name=self.name, num_cpus=0).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)  # beside the driver
+        self._board = ray.remote(BlockBoard).options(name=self.name, num_cpus=0, scheduling_strategy=here).remote()
         self._thread = threading.Thread(target=self._watch, name="featx-slow-tail", daemon=True)
         self._thread.start()
         return self
 
     def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def poll(self) -> None:
+        """Ask the board for the slow tail and name it in the progress line."""
         import ray
 
-        while not self._stop.wait(self.interval):
-            try:
-                slow = ray.get(self._board.slow.remote(), timeout=30)
-            except Exception:  # noqa: BLE001 - informative only
-                continue
-            if slow:
-                self.report.slow_blocks = (self.report.slow_blocks + slow)[-50:]
-                self.progress("slow tail: " + "; ".join(
-                    f"{b['block']} ({b['stage']}) running {b['seconds']:.0f} s, {b['seconds'] / max(b['median'], 1e-3):.0f}x "
-                    f"its peers' median {b['median']:.1f} s" for b in slow[:3])
-                    + (f"; {len(slow) - 3} more" if len(slow) > 3 else ""))
+        try:
+            slow = ray.get(self._board.slow.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - informative only
+            return
+        if slow:
+            self.report.slow_blocks = (self.report.slow_blocks + slow)[-50:]
+            self.progress("slow tail: " + "; ".join(_slow_words(b) for b in slow[:3])
+                          + (f"; {len(slow) - 3} more" if len(slow) > 3 else ""))
 
     def __exit__(self, *exc: Any) -> None:
         import ray
 
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=15)
+        self.poll()  # what happened since the last look (a block killed just before the end)
         try:
             ray.kill(self._board)
         except Exception:  # noqa: BLE001
             pass
+
+
+def _slow_words(b: dict[str, Any]) -> str:
+    if "deadline" in b:
+        return (f"{b['block']} ({b['stage']}) was stuck: killed after {b['seconds']:.0f} s, past its deadline of "
+                f"{b['deadline']:.0f} s, then retried or isolated")
+    return (f"{b['block']} ({b['stage']}) running {b['seconds']:.0f} s, {b['seconds'] / max(b['median'], 1e-3):.0f}x "
+            f"its peers' median {b['median']:.1f} s")
 
 
 class CarryOver:

@@ -10,14 +10,14 @@ from pipelines.publish.manifest import load_manifest
 
 RUN_FIELDS = ("run_id", "command", "status", "started", "finished", "shards_processed", "shards_skipped",
               "shards_adopted", "rows_in", "rows_out", "rows_embedded", "rows_reused", "rows_deduped", "error_rows",
-              "quarantined", "rows_per_second", "snapshot")
+              "quarantined", "rows_per_second", "seconds", "snapshot")
 
 
 def output_status(output: str, storage_options: dict[str, Any] | None = None, last_runs: int = 20) -> dict[str, Any]:
     from pipelines.publish.lease import is_stale, read_lease
 
     manifest = load_manifest(output, storage_options)
-    runs = _runs(output, storage_options)[-last_runs:]
+    runs = [{k: r.get(k) for k in RUN_FIELDS} for r in run_reports(output, storage_options)][-last_runs:]
     holder = read_lease(output, storage_options)
     if manifest is None and not runs and holder is None:
         raise InputError(f"nothing at {output!r}: no _manifest.json and no run reports; check the URI")
@@ -68,7 +68,8 @@ def repair(output: str, storage_options: dict[str, Any] | None = None, keep_snap
         lease.release()
 
 
-def _runs(output: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+def run_reports(output: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The reports of the runs that wrote ``output`` (``_runs/``), oldest first."""
     fs, path = get_fs(join(output, "_runs"), storage_options)
     try:
         names = sorted(retry(lambda: fs.ls(path, detail=False), f"listing {join(output, '_runs')!r}"))
@@ -78,6 +79,5 @@ def _runs(output: str, storage_options: dict[str, Any] | None) -> list[dict[str,
     for name in names:
         if not name.endswith(".json"):
             continue
-        report = json.loads(retry(lambda n=name: fs.cat_file(n), f"reading {name!r}"))
-        out.append({k: report.get(k) for k in RUN_FIELDS})
-    return sorted(out, key=lambda r: (r["started"] or "", r["finished"] or ""))
+        out.append(json.loads(retry(lambda n=name: fs.cat_file(n), f"reading {name!r}")))
+    return sorted(out, key=lambda r: (r.get("started") or "", r.get("finished") or ""))

@@ -137,22 +137,40 @@ def test_embed_refresh_status(work: dict[str, Any]) -> None:
     assert {"torch_threads", "cpu_streams", "batch_autotune", "max_batch_size"} <= set(res["auto"])
     assert res["batch_autotune"] is False and res["max_batch_size"] == 8 * 64
 
-    # one new shard: refresh (from the config the first run saved) embeds it alone and keeps the rest
+    # featx plan: nothing changed since the embed -> exit 0, no work
+    same = featx("plan", "--output", str(table), "--json", cwd=root).json()
+    assert same["pending"] is False and same["shards"]["unchanged"] == 3 and same["pieces"]["to_build"] == 0
+
+    # one new shard: plan (and refresh --dry-run) say so and exit 3; refresh (from the config the first run
+    # saved) embeds it alone and keeps the rest, as planned
     (work["input"] / "part-00003.jsonl").write_text("".join(
         json.dumps({"id": f"new-{i}", "text": f"A brand new sentence number {i} about loops.", "label": "loops"}) + "\n"
         for i in range(4)))
+    planned = featx("plan", "--output", str(table), cwd=root, expect=3, env=_env(COLUMNS="80"))
+    assert "shards: 1 new, 0 changed, 0 removed, 3 unchanged" in planned.out and "time: about" in planned.out
+    assert all(len(line) <= 80 for line in planned.out.splitlines())
+    dry = featx("refresh", "--output", str(table), "--dry-run", "--json", cwd=root, expect=3).json()
+    assert dry["shards"] == {"new": 1, "changed": 0, "removed": 0, "unchanged": 3} and dry["estimate"]["runs"] == 1
+    assert dry["embed"]["shards"] == 1 and dry["embed"]["records_estimate"] > 0
     run = featx("refresh", "--output", str(table), "--json", cwd=root)
     assert _resolved_config(run.err)["input"] == str(work["input"])
     report = run.json()
     assert report["status"] == "succeeded" and report["shards_processed"] == 1 and report["rows_out"] == 4
     assert report["changes"]["added_count"] == 1 and report["published_rows"] == work["records"] + 4
+    # the run made the plan's estimate at its start, and compares it with its own time
+    assert report["estimate"]["seconds"] == dry["estimate"]["seconds"]
+    assert report["estimate"]["measured_seconds"] == report["seconds"]
     work["state"]["rows"] = report["published_rows"]
 
     st = featx("status", str(table), "--json", cwd=root).json()
     assert st["published"]["snapshot"] == 2 and st["published"]["rows"] == work["state"]["rows"]
-    assert [(r["command"], r["status"]) for r in st["runs"]] == [("embed", "succeeded"), ("refresh", "succeeded")]
+    assert [(r["command"], r["status"]) for r in st["runs"]] == [("refresh", "succeeded"), ("embed", "succeeded")]
     table_view = featx("status", str(table), cwd=root)
-    assert "snapshot 2" in table_view.out and "runs" in table_view.out
+    assert "snapshot 2" in table_view.out and "runs (newest first" in table_view.out
+    narrow = featx("status", str(table), cwd=root, env=_env(COLUMNS="80")).out
+    assert all(len(line) <= 80 for line in narrow.splitlines()), narrow  # an 80-column terminal
+    assert narrow.index(" refresh ") < narrow.index(" embed ")  # newest first
+    assert len(featx("status", str(table), "--json", "--limit", "1", cwd=root).json()["runs"]) == 1
     version = st["published"]["delta"]["version"]
     assert st["published"]["delta"] == {"version": version, "snapshot": 2, "in_sync": True}
     assert f"version {version} (shows snapshot 2; in sync)" in table_view.out

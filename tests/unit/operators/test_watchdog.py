@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from operators import watchdog
-from operators.watchdog import FACTOR, Watchdog, deadline_for, slow_blocks
+from operators.watchdog import FACTOR, BlockBoard, Watchdog, deadline_for, slow_blocks
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -75,3 +75,15 @@ def test_slow_blocks_are_those_far_past_their_stages_median() -> None:
     durations = {"embed": [1.0, 2.0, 3.0]}  # no finished read block yet: no peers to compare with
     got = slow_blocks(running, durations, now)
     assert got == [{"block": "block of piece a", "stage": "embed", "seconds": 40.0, "median": 2.0}]
+
+
+def test_the_board_reports_a_killed_block_once_then_the_slow_ones() -> None:
+    board = BlockBoard()
+    board.start("block of piece a", "read", time.time() - 30)
+    board.done("block of piece b", "read", 1.0)
+    board.start("block of piece c", "read", time.time())
+    board.stuck("block of piece c", "read", 2.1, 2.0)
+    first = board.slow()
+    assert first[0] == {"block": "block of piece c", "stage": "read", "seconds": 2.1, "deadline": 2.0}
+    assert [b["block"] for b in first[1:]] == ["block of piece a"]  # 30 s against a median of 1 s
+    assert [b["block"] for b in board.slow()] == ["block of piece a"]  # the kill is reported once
