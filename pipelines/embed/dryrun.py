@@ -3,8 +3,10 @@
 The plan reads what a run reads before its first Ray task, and nothing more: the input's listing and the
 published manifest. It gives the shards that are new, changed, removed and unchanged, the pieces to build,
 the bytes and (estimated) records to embed, the rows carried over; and a time from this output's earlier
-runs (their reports under ``_runs/``): the startup and the per-row rate of the runs that embedded
-something with the same model (and, when there are such runs, the same resource shape), median of each.
+runs (their reports under ``_runs/``) that embedded something with the same model (those of the latest
+run's resource shape when there are such): fixed seconds (a run with nothing to do, plus Ray's startup), and the rest
+split by their stage times into seconds per record (embedding) and per piece built (reading, carrying,
+writing), medians of each (:func:`rates`).
 With no such run it says "no history". A run makes the same estimate at its start and its report compares
 it with the time it took (``estimate``).
 """
@@ -16,7 +18,7 @@ from typing import Any
 from operators.io.storage import list_shards
 from operators.read.formats import FORMATS
 from pipelines.config import EmbedConfig, model_spec
-from pipelines.embed.plan import WorkPlan, plan_pieces, plan_work
+from pipelines.embed.plan import WorkPlan, content_fingerprint, plan_pieces, plan_work
 from pipelines.publish.manifest import load_manifest
 from pipelines.publish.status import run_reports
 
@@ -79,35 +81,30 @@ def estimate(work: dict[str, Any], runs: list[dict[str, Any]], model: str) -> di
     if records is None:  # no counts yet: the bytes at the earlier runs' bytes per record
         per = [r["bytes_embedded"] / r["rows_in"] for r in pick if r.get("bytes_embedded")]
         records = round(work["embed"]["bytes"] / statistics.median(per)) if per else 0
-    x = [_units(r.get("rows_in") or 0, r.get("rows_carried") or 0) for r in pick]
-    y = [float(r["seconds"]) for r in pick]
     quiet = [float(r["seconds"]) for r in done if not r.get("rows_in") and r.get("seconds")]
-    fixed, per_unit = _fit(x, y, pick, statistics.median(quiet) if quiet else 0.0)
-    units = _units(records, work["carry_rows"])
-    return {"seconds": round(fixed + per_unit * units, 2), "fixed_seconds": round(fixed, 2),
-            "records_per_second": round(1 / per_unit, 2) if per_unit else None, "records": records,
-            "runs": len(pick), "basis": f"{len(pick)} earlier runs" + (" of the latest run's resource shape" if same
-                                                                       else " (other resource shapes)")}
+    fixed, per_record, per_piece = rates(pick, statistics.median(quiet) if quiet else 0.0)
+    pieces = work["pieces"]["to_build"]
+    return {"seconds": round(fixed + per_record * records + per_piece * pieces, 2), "fixed_seconds": round(fixed, 2),
+            "seconds_per_record": round(per_record, 6), "seconds_per_piece": round(per_piece, 4), "records": records,
+            "pieces": pieces, "runs": len(pick),
+            "basis": f"{len(pick)} earlier runs" + (" of the latest run's resource shape" if same
+                                                    else " (other resource shapes)")}
 
 
-def _units(records: int, carried: int) -> float:
-    """A run's work in records to embed; a carried row (copied, no model) counts as 1/20 of one."""
-    return records + carried / 20
-
-
-def _fit(x: list[float], y: list[float], runs: list[dict[str, Any]], quiet: float) -> tuple[float, float]:
-    """seconds = fixed + per_unit x units: least squares over runs of different sizes; with one size, the
-    fixed part is the runs' own startup (Ray ready) plus what a run with nothing to do takes (``quiet``:
-    listing, planning, reading the manifest)."""
-    if len(set(x)) >= 2:
-        mx, my = sum(x) / len(x), sum(y) / len(y)
-        sxx = sum((a - mx) ** 2 for a in x)
-        slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx
-        if slope > 0 and my - slope * mx >= 0:
-            return my - slope * mx, slope
+def rates(runs: list[dict[str, Any]], quiet: float) -> tuple[float, float, float]:
+    """From earlier runs: the fixed seconds (what a run with nothing to do takes, plus Ray's startup), and the
+    rest of each run split by its stage times: the embedding stage's share over its records (seconds per
+    record), the read, preprocess and write stages' share over its pieces built (seconds per piece: reading,
+    carrying and writing grow with the pieces a refresh rebuilds); medians over ``runs``."""
     fixed = quiet + statistics.median(float((r.get("startup") or {}).get("ray_ready") or 0) for r in runs)
-    per = statistics.median((b - fixed) / a for a, b in zip(x, y) if a > 0)
-    return fixed, max(per, 1e-6)
+    per_record, per_piece = [], []
+    for r in runs:
+        stages = {k: float(v or 0) for k, v in (r.get("stage_seconds") or {}).items()}
+        share = stages.get("embed", 0.0) / sum(stages.values()) if sum(stages.values()) > 0 else 1.0
+        rest = max(0.0, float(r["seconds"]) - fixed)
+        per_record.append(share * rest / r["rows_in"])
+        per_piece.append((1 - share) * rest / max(1, int(r.get("pieces_processed") or 1)))
+    return fixed, statistics.median(per_record), statistics.median(per_piece)
 
 
 def _shape(report: dict[str, Any]) -> tuple[Any, ...]:
@@ -117,8 +114,6 @@ def _shape(report: dict[str, Any]) -> tuple[Any, ...]:
 
 def plan_run(cfg: EmbedConfig, command: str = "refresh") -> dict[str, Any]:
     """`featx plan`: the next run's work and its estimated time; nothing is written, no Ray starts."""
-    from pipelines.embed.job import content_fingerprint
-
     spec = model_spec(cfg)
     cfp = content_fingerprint(cfg, spec)
     shards, pieces, previous, base, plan, removed = survey(cfg, cfp)

@@ -15,14 +15,13 @@ from typing import Any, Callable
 
 from operators.errors import ConfigError, InputError, PipelineError, StorageError
 from operators.io.parquet import read_parquet
-from operators.io.storage import join, retries_done, short_hash, still_present
+from operators.io.storage import join, retries_done, still_present
 from operators.models.specs import ModelSpec
-from operators.read.formats import FORMATS
 from operators.write.sink import SinkOptions
 from pipelines import __version__
 from pipelines.config import EmbedConfig, model_spec, read_options
 from pipelines.embed.dryrun import estimate, survey, work_of
-from pipelines.embed.plan import PieceWork
+from pipelines.embed.plan import PieceWork, content_fingerprint
 from pipelines.embed.report import LIST_CAP, RunReport, account, new_parts, save_report, startup_timeline
 from pipelines.embed.stream import embed_actor_args, read_preprocessing, stream_pieces
 from pipelines.embed.tracker import Tracker
@@ -41,17 +40,6 @@ def _check_output_outside_input(cfg: EmbedConfig) -> None:
             f"output {cfg.output!r} lies inside input {cfg.input!r} (or the other way round): a later run would read "
             "its own output as input. Choose an output prefix outside the input."
         )
-
-
-def content_fingerprint(cfg: EmbedConfig, spec: ModelSpec) -> str:
-    """Everything that decides a row's output: rows are reused only between runs that agree on it."""
-    column_key = FORMATS[cfg.format].payload_column
-    column = getattr(cfg, column_key) if column_key else ""
-    # decoding in the actors (torchvision resize) gives pixels a few grey levels off Pillow's: other rows
-    decode = ["decode=actors"] if cfg.image_decode == "actors" else []
-    # "content_hash": the output contract with the content_hash column (tables from before it are embedded again)
-    return short_hash(spec.fingerprint(), spec.preprocessing_fingerprint(), cfg.embedding_dtype, cfg.format, column,
-                      cfg.key_column or "", ",".join(cfg.passthrough), *decode, "content_hash", n=16)
 
 
 def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print, command: str = "embed") -> dict[str, Any]:

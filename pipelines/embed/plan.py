@@ -13,6 +13,9 @@ import hashlib
 from dataclasses import dataclass
 
 from operators.io.storage import Shard, short_hash
+from operators.models.specs import ModelSpec
+from operators.read.formats import FORMATS
+from pipelines.config import EmbedConfig
 
 
 @dataclass(frozen=True)
@@ -113,3 +116,14 @@ def plan_work(pieces: list[Piece], published: dict | None) -> WorkPlan:
         todo.append(PieceWork(piece, tuple(embed), tuple(carry[k] for k in sorted(carry))))
     removed = sorted(rel for rel in old_shards if rel not in now)
     return WorkPlan(keep=keep, todo=todo, added=added, changed=changed, removed=removed, unchanged=unchanged)
+
+
+def content_fingerprint(cfg: EmbedConfig, spec: ModelSpec) -> str:
+    """Everything that decides a row's output: rows are reused only between runs that agree on it."""
+    column_key = FORMATS[cfg.format].payload_column
+    column = getattr(cfg, column_key) if column_key else ""
+    # decoding in the actors (torchvision resize) gives pixels a few grey levels off Pillow's: other rows
+    decode = ["decode=actors"] if cfg.image_decode == "actors" else []
+    # "content_hash": the output contract with the content_hash column (tables from before it are embedded again)
+    return short_hash(spec.fingerprint(), spec.preprocessing_fingerprint(), cfg.embedding_dtype, cfg.format, column,
+                      cfg.key_column or "", ",".join(cfg.passthrough), *decode, "content_hash", n=16)

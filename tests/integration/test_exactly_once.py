@@ -199,8 +199,12 @@ def test_driver_killed_during_commit(point: str, where: str, tmp_path: Path, tin
     assert {f"data/{p}" for p in list_files(f"{out}/data")} == published | first_files  # no garbage data files
 
 
-def test_driver_killed_mid_refresh_while_stored_vectors_are_reused(tmp_path: Path, tiny_bert: str,
-                                                                   clean_run: dict[str, Any]) -> None:
+def test_driver_killed_mid_refresh_while_reuse_and_copies_are_in_play(tmp_path: Path, tiny_bert: str,
+                                                                     clean_run: dict[str, Any]) -> None:
+    """A refresh where every shard grows by a line (the old lines take their stored vectors) and two new shards
+    hold the same three sentences in two blocks (the second's rows are held for the first's representative).
+    SIGKILL after the stream, before the fill pass: every piece but the one with held rows is journalled. The
+    rerun adopts them, redoes that one, and the table equals a clean full run, every row exactly once."""
     keys = _input(tmp_path / "in")
     out = str(tmp_path / "out")
     cfg = _cfg(str(tmp_path / "in"), out, tiny_bert)
@@ -210,34 +214,17 @@ def test_driver_killed_mid_refresh_while_stored_vectors_are_reused(tmp_path: Pat
     run_embed(build_config(None, cfg), progress=lambda m: None)
     for f, body in full.items():  # each shard grows by one line: the refresh reuses the other three
         f.write_text(body)
-    killed = _featx(tmp_path, cfg, failpoints="driver:journal@3", command="refresh")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert load_manifest(out)["snapshot"] == 1
-    report = run_embed(build_config(None, cfg), progress=lambda m: None, command="refresh")
-    assert report["pieces_adopted"] == 3 and report["shards_processed"] == SHARDS - 3
-    rest = (SHARDS - 3) * ROWS // SHARDS
-    assert report["rows_embedded"] + report["rows_reused"] + report["rows_deduped"] == rest
-    assert report["rows_reused"] >= rest - (SHARDS - 3) and report["reuse"]["hits"] == report["rows_reused"]
-    _same_vectors(_check_exact(out, keys), clean_run["table"])  # equal to a clean full run
-
-
-def test_driver_killed_before_the_fill_pass_publishes_every_copy_once(tmp_path: Path, tiny_bert: str,
-                                                                      clean_run: dict[str, Any]) -> None:
-    """Copies of one content in two blocks: the second block's rows are held for the first's representative;
-    SIGKILL after the stream, before the fill pass writes them. The rerun publishes every row exactly once."""
-    keys = _input(tmp_path / "in")
     same = ["a sentence that two shards hold", "and a second one like it", "and a third, the last"]
-    for name in ("aa-copies.jsonl", "zz-copies.jsonl"):  # first and last in the listing: blocks of their own
+    for name in ("aa-copies.jsonl", "zz-copies.jsonl"):  # first and last in the listing: other blocks
         (tmp_path / "in" / name).write_text("".join(json.dumps({"id": f"c{i}", "text": t, "label": "copy"}) + "\n"
                                                     for i, t in enumerate(same)))
         keys |= {f"{name}#c{i}" for i in range(len(same))}
-    out = str(tmp_path / "out")
-    cfg = _cfg(str(tmp_path / "in"), out, tiny_bert)
-    killed = _featx(tmp_path, cfg, failpoints="driver:fill")  # reached only when rows were held back
+    killed = _featx(tmp_path, cfg, failpoints="driver:fill", command="refresh")  # reached only with held rows
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert load_manifest(out) is None
-    report = run_embed(build_config(None, cfg), progress=lambda m: None)
-    assert 0 < report["pieces_adopted"] < SHARDS + 2  # the pieces with held rows were not journalled
+    assert load_manifest(out)["snapshot"] == 1
+    report = run_embed(build_config(None, cfg), progress=lambda m: None, command="refresh")
+    assert report["pieces_adopted"] == SHARDS + 1 and report["shards_processed"] == 1  # zz-copies, redone
+    assert report["rows_embedded"] == len(same)  # its representative's piece was adopted, not in the snapshot
     table = _check_exact(out, keys)
     copies = [k for k in table["key"].to_pylist() if "copies" in k]
     base = table.filter(pc.invert(pc.is_in(table["key"], value_set=pa.array(copies))))

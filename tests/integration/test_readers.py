@@ -26,7 +26,7 @@ from tests.isolation import child_env, kill_group, popen
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
-REFRESHES = 3
+REFRESHES = 2
 
 
 def _shard(folder: Path, name: str, lines: int, tag: str = "") -> None:
@@ -90,7 +90,7 @@ def test_every_read_is_one_committed_snapshot(where: str, tmp_path: Path, tiny_b
     reader = popen([sys.executable, "-m", "tests.integration.reader_loop", out, str(results), str(stop), json.dumps(so)],
                    child_env(), cwd=str(Path(__file__).resolve().parents[2]))
     try:
-        time.sleep(2)  # the reader is reading before the first refresh commits
+        time.sleep(1)  # the reader is reading before the first refresh commits
         for i in range(REFRESHES):
             _change(local_in, i)
             sync_input()
@@ -112,7 +112,7 @@ def test_every_read_is_one_committed_snapshot(where: str, tmp_path: Path, tiny_b
           f"committed, {injected} storage faults injected, anomalies {len(anomalies)}")
     assert len(committed) == REFRESHES + 1
     assert not anomalies, anomalies[:5]  # every read is exactly one committed snapshot
-    assert {r["path"] for r in good} == {"featx", "duckdb", "pyarrow"} and len(good) >= 30
+    assert {r["path"] for r in good} == {"featx", "duckdb", "pyarrow"} and len(good) >= 20
     assert len({r["digest"] for r in good}) >= 2  # the reads saw the snapshots change under them
     if where == "local":
         assert not errors, errors[:3]
