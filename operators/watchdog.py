@@ -40,10 +40,17 @@ def measured_rate(stage: str) -> float | None:
     return _rates.get(stage)
 
 
+def block_label(pieces: list[str], piece_slice: list[int] | None = None) -> str:
+    """How the progress line names a block: its first piece, how many more, and the slice of a sliced piece."""
+    label = f"block of piece {pieces[0] if pieces else '?'}" + (f" (+{len(pieces) - 1} more)" if len(pieces) > 1 else "")
+    return label + (f", slice {piece_slice[0] + 1}/{piece_slice[1]}" if piece_slice and piece_slice[1] > 1 else "")
+
+
 def _board(name: str | None) -> Any:
     if not name:
         return None
     if name not in _boards:
+        _boards.clear()  # a worker outlives runs: keep the current run's board only
         try:
             import ray
 
@@ -78,7 +85,7 @@ class Watchdog:
     def size(self, rows: int) -> None:
         """The block has ``rows`` more rows: its deadline grows with them at this process's measured rate."""
         self.rows += rows
-        self.deadline = deadline_for(rows, _rates.get(self.stage), self.floor)
+        self.deadline = deadline_for(self.rows, _rates.get(self.stage), self.floor)
 
     def _watch(self) -> None:
         tick = min(1.0, max(0.05, self.floor / 20))

@@ -558,11 +558,10 @@ class EmbedActor:
         self.deadline = (task_timeout_s, board)  # a call still running past its deadline kills this actor
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from operators.watchdog import Watchdog
+        from operators.watchdog import Watchdog, block_label
 
         pieces = pc.unique(table[C.PIECE]).to_pylist() if C.PIECE in table.column_names and table.num_rows else []
-        label = f"block of piece {pieces[0] if pieces else '?'}" + (f" (+{len(pieces) - 1} more)" if len(pieces) > 1 else "")
-        with Watchdog("embed", self.deadline[0], label, self.deadline[1]) as wd:
+        with Watchdog("embed", self.deadline[0], block_label(pieces), self.deadline[1]) as wd:
             wd.size(table.num_rows)
             return self._call(table)
 

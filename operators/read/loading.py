@@ -174,14 +174,12 @@ def load_pieces(batch: pa.Table, ropts: ReadOptions, pre: ImagePreprocess | Text
     holds take the stored vector) and ``follow`` (rows whose content another block of the run embeds).
     ``deadline``: (``task_timeout_s``, the run's block board): a block still running past its deadline kills
     this worker (:mod:`operators.watchdog`)."""
-    from operators.watchdog import Watchdog
+    from operators.watchdog import Watchdog, block_label
 
     floor, board = deadline or (0.0, None)
     pieces = batch["piece"].to_pylist()
     slices = batch["slice"].to_pylist() if "slice" in batch.column_names else [[0, 1]] * batch.num_rows
-    label = f"block of piece {pieces[0]}" + (f" (+{len(pieces) - 1} more)" if len(pieces) > 1 else "") + \
-        (f", slice {slices[0][0] + 1}/{slices[0][1]}" if slices and slices[0][1] > 1 else "")
-    with Watchdog("read", floor, label, board) as wd:
+    with Watchdog("read", floor, block_label(pieces, slices[0] if slices else None), board) as wd:
         so = storage_options or {}
         stored = held = None
         if "plan" in batch.column_names:  # this run looked its records up in the published snapshot

@@ -237,14 +237,10 @@ def fill_held(piece: str, pending_files: list[str], sources: dict[str, dict[str,
         emb = pa.concat_arrays(vectors).take(at)  # null where the representative failed
     else:  # every representative failed: no vector (and no data file: the dim is not recorded)
         emb = pa.nulls(pending.num_rows, pa.list_(pa.float32(), 1))
-    stages, types, msgs = [], [], []
-    for k, b in zip(rep_keys.to_pylist(), at_err):
-        if b is None:
-            stages.append(None), types.append(None), msgs.append(None)
-        else:
-            e = err_rows[b]
-            stages.append(e["stage"]), types.append(e["error_type"])
-            msgs.append(f"the same content as {k!r}, which failed: {e['message']}"[:2000])
+    failed = [None if b is None else (k, err_rows[b]) for k, b in zip(rep_keys.to_pylist(), at_err)]
+    stages = [f and f[1]["stage"] for f in failed]
+    types = [f and f[1]["error_type"] for f in failed]
+    msgs = [f and f"the same content as {f[0]!r}, which failed: {f[1]['message']}"[:2000] for f in failed]
     n = pending.num_rows
     table = pending.drop_columns([C.FOLLOW, C.FOLLOW_PIECE]).append_column(C.EMBEDDING, emb)
     table = table.append_column(C.ERR_STAGE, pa.array(stages, pa.string())).append_column(

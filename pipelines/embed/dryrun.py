@@ -22,7 +22,7 @@ from pipelines.embed.plan import WorkPlan, content_fingerprint, plan_pieces, pla
 from pipelines.publish.manifest import load_manifest
 from pipelines.publish.status import run_reports
 
-NO_CHANGE_SECONDS = "no_change_seconds"
+HISTORY_RUNS = 50  # the newest run reports an estimate reads (one GET each, at every run's start)
 
 
 def survey(cfg: EmbedConfig, content_fp: str) -> tuple[list[Any], list[Any], dict[str, Any] | None, dict[str, Any] | None,
@@ -118,7 +118,7 @@ def plan_run(cfg: EmbedConfig, command: str = "refresh") -> dict[str, Any]:
     cfp = content_fingerprint(cfg, spec)
     shards, pieces, previous, base, plan, removed = survey(cfg, cfp)
     work = work_of(plan, previous, base, removed)
-    runs = run_reports(cfg.output, cfg.storage_options)
+    runs = run_reports(cfg.output, cfg.storage_options, last=HISTORY_RUNS)
     return {"output": cfg.output, "command": command, "model": spec.name, "snapshot": (previous or {}).get("snapshot"),
             "shards_total": len(shards), "pieces_total": len(pieces), **work,
             "estimate": estimate(work, runs, spec.name)}

@@ -20,7 +20,7 @@ from operators.models.specs import ModelSpec
 from operators.write.sink import SinkOptions
 from pipelines import __version__
 from pipelines.config import EmbedConfig, model_spec, read_options
-from pipelines.embed.dryrun import estimate, survey, work_of
+from pipelines.embed.dryrun import HISTORY_RUNS, estimate, survey, work_of
 from pipelines.embed.plan import PieceWork, content_fingerprint
 from pipelines.embed.report import LIST_CAP, RunReport, account, new_parts, save_report, startup_timeline
 from pipelines.embed.stream import embed_actor_args, read_preprocessing, stream_pieces
@@ -61,6 +61,7 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print, command
         _run(cfg, spec, report, lease, progress, t_start, wall_start)
     except BaseException as e:
         report.status, report.finished, report.error = "failed", now(), str(e)[:4000]
+        report.lease_renewals = lease.renewals
         try:
             save_report(cfg, report)
         except StorageError:  # the store that failed the run may refuse the report too: the run's error matters
@@ -68,7 +69,6 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print, command
         raise
     finally:
         lease.release()
-        report.lease_renewals = lease.renewals
     return report.to_dict()
 
 
@@ -90,7 +90,8 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
         progress(report.reembed_reason)
     report.base_snapshot = (previous or {}).get("snapshot", 0)
     # the time `featx plan` would have predicted: the report compares it with the run's own
-    report.estimate = estimate(work_of(plan, previous, base, removed), run_reports(cfg.output, so), spec.name)
+    report.estimate = estimate(work_of(plan, previous, base, removed), run_reports(cfg.output, so, last=HISTORY_RUNS),
+                               spec.name)
     adopted = adoptable(cfg.output, cfp, {w.piece.id for w in plan.todo}, report.run_id, so)
     todo = [w for w in plan.todo if w.piece.id not in adopted]
     _confirm_removed(cfg, previous, removed)

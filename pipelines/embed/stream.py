@@ -34,7 +34,8 @@ def read_preprocessing(cfg: EmbedConfig, spec: ModelSpec) -> ImagePreprocess | T
 
 def embed_actor_args(cfg: EmbedConfig, spec: ModelSpec, torch_threads: int, board: str | None = None) -> dict[str, Any]:
     """EmbedActor's constructor arguments (the streaming pool and the isolator build the same actor)."""
-    return {"task_timeout_s": cfg.task_timeout_s, "board": board, "spec": spec, "batch_size": cfg.batch_size, "precision": cfg.precision, "num_gpus": cfg.num_gpus,
+    return {"task_timeout_s": cfg.task_timeout_s, "board": board,
+            "spec": spec, "batch_size": cfg.batch_size, "precision": cfg.precision, "num_gpus": cfg.num_gpus,
             "torch_threads": torch_threads, "decode_images": cfg.image_decode == "actors",
             "streams": actor_streams(cfg, torch_threads), "autotune": batch_autotune(cfg),
             "max_batch_size": cfg.max_batch_size, "torch_compile": cfg.torch_compile, "dedupe": cfg.reuse == "content"}

@@ -123,15 +123,16 @@ class Lease:
     def check(self) -> None:
         """Raise unless this run still holds the lease (called just before commit)."""
         if self.lost:
-            raise LeaseLostError(f"this run lost its lease on {self.output!r} ({self.lost}); nothing was published. "
-                                 "Its lease expired unrenewed (a stalled driver, or storage refusing the renewals); "
-                                 "the finished pieces are journalled: rerun, and they are adopted")
+            raise self._lost_error()
         holder = read_lease(self.output, self.storage_options)
         if holder is None or holder.run_id != self.run_id:
             self.lost = f"now held by {holder.describe()}" if holder else "the lease file was removed"
-            raise LeaseLostError(f"this run lost its lease on {self.output!r} ({self.lost}); nothing was published. "
-                                 "Its lease expired unrenewed (a stalled driver, or storage refusing the renewals); "
-                                 "the finished pieces are journalled: rerun, and they are adopted")
+            raise self._lost_error()
+
+    def _lost_error(self) -> "LeaseLostError":
+        return LeaseLostError(f"this run lost its lease on {self.output!r} ({self.lost}); nothing was published. Its "
+                              "lease expired unrenewed (a stalled driver, or storage refusing the renewals); the "
+                              "finished pieces are journalled: rerun, and they are adopted")
 
     def renew(self) -> None:
         if failpoints_active("lease-stop"):  # kill tests: a heartbeat that never gets through

@@ -17,7 +17,7 @@ def output_status(output: str, storage_options: dict[str, Any] | None = None, la
     from pipelines.publish.lease import is_stale, read_lease
 
     manifest = load_manifest(output, storage_options)
-    runs = [{k: r.get(k) for k in RUN_FIELDS} for r in run_reports(output, storage_options)][-last_runs:]
+    runs = [{k: r.get(k) for k in RUN_FIELDS} for r in run_reports(output, storage_options, last=last_runs)]
     holder = read_lease(output, storage_options)
     if manifest is None and not runs and holder is None:
         raise InputError(f"nothing at {output!r}: no _manifest.json and no run reports; check the URI")
@@ -68,16 +68,16 @@ def repair(output: str, storage_options: dict[str, Any] | None = None, keep_snap
         lease.release()
 
 
-def run_reports(output: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The reports of the runs that wrote ``output`` (``_runs/``), oldest first."""
+def run_reports(output: str, storage_options: dict[str, Any] | None, last: int | None = None) -> list[dict[str, Any]]:
+    """The reports of the runs that wrote ``output`` (``_runs/``), oldest first; ``last``: only the newest that
+    many are read (a report's name is its run id, which starts with its start time)."""
     fs, path = get_fs(join(output, "_runs"), storage_options)
     try:
         names = sorted(retry(lambda: fs.ls(path, detail=False), f"listing {join(output, '_runs')!r}"))
     except FileNotFoundError:
         return []
+    names = [n for n in names if n.endswith(".json")]
     out = []
-    for name in names:
-        if not name.endswith(".json"):
-            continue
+    for name in names[-last:] if last else names:
         out.append(json.loads(retry(lambda n=name: fs.cat_file(n), f"reading {name!r}")))
     return sorted(out, key=lambda r: (r.get("started") or "", r.get("finished") or ""))

@@ -33,6 +33,8 @@ def test_work_that_finishes_in_time_is_left_alone_and_sets_the_rate() -> None:
     with Watchdog("unit-test", 0.5, "block") as wd:
         wd.size(1000)
         assert wd.deadline == max(0.5, FACTOR * 1000 * rate)  # a big block is not killed for being big
+        wd.size(500)  # a block of several pieces: its deadline grows with all their rows
+        assert wd.deadline == max(0.5, FACTOR * 1500 * rate)
 
 
 def _child(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
