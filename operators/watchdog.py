@@ -12,7 +12,9 @@ in this worker process over the blocks it finished (the first block gets the flo
 So a big block on a slow model is not killed for being big, and a stuck one is killed in minutes, not hours.
 
 The :class:`BlockBoard` (a Ray actor, one per run, no CPU) hears when each block starts and ends, so the
-driver can name the blocks running far longer than their peers (the slow tail) in its progress line.
+driver can name the blocks running far longer than their peers (the slow tail) in its progress line, and what
+each finished block put out (rows, error rows, rows reused, input bytes): the live counts of the read and embed
+stages that the run's progress display shows (:func:`outcome` counts a block's output table).
 """
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ class Watchdog:
         self.stage, self.floor, self.label, self.board_name = stage, float(floor or 0), label, board
         self.rows = 0
         self.deadline = self.floor
+        self.counts: dict[str, int] = {}  # what the block put out (:func:`outcome`): reported when it ends
         self._stop = threading.Event()
         self._t0 = 0.0
         self._thread: threading.Thread | None = None
@@ -86,6 +89,11 @@ class Watchdog:
         """The block has ``rows`` more rows: its deadline grows with them at this process's measured rate."""
         self.rows += rows
         self.deadline = deadline_for(self.rows, _rates.get(self.stage), self.floor)
+
+    def put_out(self, counts: dict[str, int]) -> None:
+        """What the block put out (:func:`outcome`, plus ``bytes`` of input read), told to the board at its end."""
+        for k, v in counts.items():
+            self.counts[k] = self.counts.get(k, 0) + int(v)
 
     def _watch(self) -> None:
         tick = min(1.0, max(0.05, self.floor / 20))
@@ -116,7 +124,24 @@ class Watchdog:
             _rates[self.stage] = rate if old is None else 0.7 * old + 0.3 * rate
         board = _board(self.board_name)
         if board is not None:
-            board.done.remote(self.label, self.stage, elapsed)
+            # a failed block is retried (or isolated): only a finished one's output counts
+            board.done.remote(self.label, self.stage, elapsed, self.counts if exc_type is None else {})
+
+
+def outcome(table: Any, error_column: str, how_column: str | None = None) -> dict[str, int]:
+    """A stage's output block in counts: ``rows``, ``errors`` (rows with ``error_column`` set) and, with
+    ``how_column`` (0 embedded, 1 reused from the snapshot, 2/3 copied from the same content in the run),
+    ``reused`` and ``deduped``."""
+    import pyarrow.compute as pc
+
+    counts = {"rows": int(table.num_rows), "errors": 0}
+    if error_column in table.column_names:
+        counts["errors"] = int(table.num_rows - table[error_column].null_count)
+    if how_column and how_column in table.column_names and table.num_rows:
+        how = table[how_column]
+        counts["reused"] = int(pc.sum(pc.equal(how, 1)).as_py() or 0)
+        counts["deduped"] = int(pc.sum(pc.greater_equal(how, 2)).as_py() or 0)
+    return counts
 
 
 class BlockBoard:
@@ -126,13 +151,27 @@ class BlockBoard:
         self.running: dict[tuple[str, str], float] = {}
         self.durations: dict[str, list[float]] = {}
         self.killed: list[dict[str, Any]] = []  # blocks killed at their deadline, not yet reported
+        self.totals: dict[str, dict[str, int]] = {}  # stage -> summed counts of its finished blocks
 
     def start(self, label: str, stage: str, at: float) -> None:
         self.running[(label, stage)] = at
 
-    def done(self, label: str, stage: str, seconds: float) -> None:
+    def done(self, label: str, stage: str, seconds: float, counts: dict[str, int] | None = None) -> None:
         self.running.pop((label, stage), None)
         self.durations.setdefault(stage, []).append(seconds)
+        stage_totals = self.totals.setdefault(stage, {"blocks": 0})
+        if counts:
+            stage_totals["blocks"] += 1
+            for k, v in counts.items():
+                stage_totals[k] = stage_totals.get(k, 0) + v
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per stage: the finished blocks and what they put out (summed), and how many blocks are running."""
+        running: dict[str, int] = {}
+        for _, stage in self.running:
+            running[stage] = running.get(stage, 0) + 1
+        return {stage: {**self.totals.get(stage, {"blocks": 0}), "running": running.get(stage, 0)}
+                for stage in {*self.totals, *running}}
 
     def stuck(self, label: str, stage: str, seconds: float, deadline: float) -> None:
         """A block's watchdog is about to kill its worker: it ran past its deadline."""

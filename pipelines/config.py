@@ -245,6 +245,8 @@ class EmbedConfig(JobConfig, InputFields, BackboneFields, ComputeFields, RayFiel
         900.0, ge=0, description="Floor of the deadline of one block of work (a read task, an embedding actor call, "
         "an isolation call): a block still running after max(this, 20 x its rows x the rate measured so far) is "
         "killed as stuck, retried, then isolated; a record that hangs alone is quarantined as WorkerHung. 0: off")
+    progress_interval_s: float = Field(10.0, gt=0, description="Where stderr is not a terminal (cron, CI, Ray job "
+                                       "logs), one plain progress line this often; a terminal gets a live display")
 
     # -- the model (with BackboneFields)
     model: str = "minilm-l6"

@@ -558,12 +558,14 @@ class EmbedActor:
         self.deadline = (task_timeout_s, board)  # a call still running past its deadline kills this actor
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from operators.watchdog import Watchdog, block_label
+        from operators.watchdog import Watchdog, block_label, outcome
 
         pieces = pc.unique(table[C.PIECE]).to_pylist() if C.PIECE in table.column_names and table.num_rows else []
         with Watchdog("embed", self.deadline[0], block_label(pieces), self.deadline[1]) as wd:
             wd.size(table.num_rows)
-            return self._call(table)
+            out = self._call(table)
+            wd.put_out(outcome(out, C.ERR_STAGE, C.HOW))
+            return out
 
     def _call(self, table: pa.Table) -> pa.Table:
         if os.environ.get(FAULTS_ENV):  # kill tests only; one lookup otherwise

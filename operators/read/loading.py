@@ -174,7 +174,7 @@ def load_pieces(batch: pa.Table, ropts: ReadOptions, pre: ImagePreprocess | Text
     holds take the stored vector) and ``follow`` (rows whose content another block of the run embeds).
     ``deadline``: (``task_timeout_s``, the run's block board): a block still running past its deadline kills
     this worker (:mod:`operators.watchdog`)."""
-    from operators.watchdog import Watchdog, block_label
+    from operators.watchdog import Watchdog, block_label, outcome
 
     floor, board = deadline or (0.0, None)
     pieces = batch["piece"].to_pylist()
@@ -189,4 +189,9 @@ def load_pieces(batch: pa.Table, ropts: ReadOptions, pre: ImagePreprocess | Text
         out = [load_piece(json.loads(s), p, ropts, pre, *sl, stored=stored, held=held, sized=wd.size)
                for p, s, sl in zip(pieces, batch["shards"].to_pylist(), slices)]
         out = [t for t in out if t.num_rows] or out[:1]  # an empty slice adds nothing (and no schema clash)
-        return pa.concat_tables(out, promote_options="permissive") if len(out) > 1 else out[0]
+        table = pa.concat_tables(out, promote_options="permissive") if len(out) > 1 else out[0]
+        # the run's progress display: what this block put out, and its share of the input bytes
+        read_bytes = sum(sum(int(sh.get("size") or 0) for sh in json.loads(s)) // max(1, sl[1])
+                         for s, sl in zip(batch["shards"].to_pylist(), slices))
+        wd.put_out({**outcome(table, C.ERR_STAGE), "bytes": read_bytes})
+        return table

@@ -16,6 +16,7 @@ from operators.errors import FeatxError, PipelineError, StorageError
 from operators.read.formats import FORMATS
 
 if TYPE_CHECKING:
+    from pipelines.cli.display import RunDisplay
     from pipelines.config import JobConfig
 
 J = TypeVar("J", bound="JobConfig")
@@ -25,6 +26,8 @@ console = Console(stderr=True, soft_wrap=True)  # messages hold paths and URIs: 
 CONFIG_HELP = "YAML config (only overrides of the defaults); a path, or the name of a shipped config"
 FORMAT_HELP = "Input format: " + " | ".join(FORMATS)
 SET_HELP = "Override any config key (repeatable; a dotted key reaches inside a mapping): --set batch_size=256"
+VERBOSE = typer.Option(False, "--verbose", "-v", help="Show Ray's own logs and progress as they come (by default "
+                       "they go to a log file beside the run's report: _runs/RUN_ID.log)")
 STORAGE_HELP = ("fsspec storage option for the output, key=value (repeatable): -o endpoint_url=http://... ; "
                 "credentials come from the environment")
 
@@ -52,15 +55,43 @@ def featx_errors() -> Iterator[None]:
 
 
 @contextmanager
-def job_run() -> Iterator[None]:
+def job_run(ray_log: bool = False, verbose: bool = False) -> Iterator["RunDisplay"]:
     """Around a job's work (the commands that run on Ray): featx errors as for featx_errors; whatever the run
     prints (Ray Tune's tables, the workers' logs that Ray forwards) goes to stderr, and the job's Ray is shut
-    down before the command prints its result, so that stdout holds the result alone (JSON for scripts)."""
-    with featx_errors(), contextlib.redirect_stdout(sys.stderr):
+    down before the command prints its result, so that stdout holds the result alone (JSON for scripts).
+
+    Yields the job's progress display (pipelines/cli/display.py). ``ray_log``: Ray's own output goes to a log
+    file (pipelines/cli/raylog.py; each embedding run keeps its share beside its report) and the display is
+    live on a terminal; ``verbose``: Ray's output also shows as it comes, beside plain progress lines."""
+    from pipelines.cli.display import RunDisplay
+
+    capture = ray_log and _owns_stderr()
+    with featx_errors(), contextlib.ExitStack() as stack:
+        log = None
+        if capture:
+            from pipelines.cli.raylog import RayLog
+
+            log = stack.enter_context(RayLog(notice=say, verbose=verbose))
+            stack.callback(setattr, console, "file", console.file)  # restored before the log's exit (LIFO)
+            console.file = log.terminal
+        display = RunDisplay(console, live=capture and not verbose and console.is_terminal, ray_log=log)
+        stack.callback(display.close)
+        stack.enter_context(contextlib.redirect_stdout(sys.stderr))
         try:
-            yield
+            yield display
         finally:
             _stop_ray()
+            if log is not None and log.other:
+                say(f"Ray logged {log.other} more warning or error lines; they are in {log.path}")
+
+
+def _owns_stderr() -> bool:
+    """Whether this process's stderr is its file descriptor 2 (a console script's is; a test runner's or an
+    embedding application's stream is not, and featx leaves its descriptors alone)."""
+    try:
+        return sys.stderr.fileno() == 2 and sys.stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _stop_ray() -> None:

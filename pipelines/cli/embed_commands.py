@@ -7,8 +7,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.cli.common import (CONFIG_HELP, FORMAT_HELP, SET_HELP, STORAGE_HELP, featx_errors, job_config, job_run,
-                                  print_json, say, storage_options)
+from pipelines.cli.common import (CONFIG_HELP, FORMAT_HELP, SET_HELP, STORAGE_HELP, VERBOSE, featx_errors, job_config,
+                                  job_run, print_json, storage_options)
 
 REPORT_ROWS = ("output", "snapshot", "model", "changes", "shards_total", "shards_processed", "shards_skipped",
                "shards_adopted", "rows_in", "rows_out", "error_rows", "quarantined", "rows_carried", "published_rows",
@@ -24,15 +24,17 @@ def embed(
     output: Optional[str] = typer.Option(None, "--output", help="Output URI"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the run report as JSON"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Embed input shards with a frozen backbone into a Parquet table."""
     from pipelines.config import EmbedConfig
     from pipelines.embed.job import run_embed
 
-    with job_run():
+    with job_run(ray_log=True, verbose=verbose) as show:
         flags = {"input": input, "format": format, "model": model, "output": output}
         cfg = job_config(EmbedConfig, config, flags, set_)
-        report = run_embed(cfg, progress=say)
+        show.interval_s = cfg.progress_interval_s
+        report = run_embed(cfg, progress=show)
     _show_report(report, json_out)
 
 
@@ -48,6 +50,7 @@ def refresh(
     json_out: bool = typer.Option(False, "--json", help="Print the run report as JSON"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only say what the refresh would do and how long it would "
                                  "take (as featx plan); exit 0 when nothing would change, 3 when work is pending"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Embed only new or changed shards; drop removed ones; keep the rest. Safe to run from cron."""
     from operators.errors import ConfigError
@@ -57,12 +60,13 @@ def refresh(
     if dry_run:
         plan(config=config, output=output, set_=set_, json_out=json_out)
         return
-    with job_run():
+    with job_run(ray_log=True, verbose=verbose) as show:
         if config is None and output is None:
             raise ConfigError("refresh needs --config FILE, or --output URI of a table featx wrote "
                               "(its saved config is used)")
         cfg = job_config(EmbedConfig, config, {"output": output}, set_, saved_at=output)
-        report = run_embed(cfg, progress=say, command="refresh")
+        show.interval_s = cfg.progress_interval_s
+        report = run_embed(cfg, progress=show, command="refresh")
     _show_report(report, json_out)
 
 

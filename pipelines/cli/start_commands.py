@@ -5,15 +5,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.cli.common import job_run, say
+from pipelines.cli.common import VERBOSE, job_run
 
 
-def demo(folder: str = typer.Option("featx-demo", "--dir", help="Where to write the sample data and outputs")) -> None:
+def demo(folder: str = typer.Option("featx-demo", "--dir", help="Where to write the sample data and outputs"),
+         verbose: bool = VERBOSE) -> None:
     """Write a small real sample dataset, embed it with the offline default models, query it."""
     from pipelines.demo.demo import run_demo
 
-    with job_run():
-        run_demo(folder, say=say)
+    with job_run(ray_log=True, verbose=verbose) as show:
+        run_demo(folder, say=show)
 
 
 def models() -> None:

@@ -19,7 +19,7 @@ def run_demo(folder: str | Path = "featx-demo", say: Callable[[str], None] = pri
     say(f"      {text['records']} sentences of Python's documentation in {text['shards']} JSONL shards")
 
     img_out, txt_out = root / "output" / "images", root / "output" / "text"
-    say("[2/4] embedding the images with efficientnet-lite0 (Ray Data; progress below)")
+    say("[2/4] embedding the images with efficientnet-lite0 (Ray Data; progress below, Ray's own log in the output's _runs/)")
     img_cfg = build_config("image-efficientnet.yaml", {"input": images["path"], "output": str(img_out)})
     img_report = run_embed(img_cfg, progress=say)
     say(f"      {img_report['rows_out']} rows, {img_report['error_rows']} errors, {img_report['rows_per_second']} rows/s")

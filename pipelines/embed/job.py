@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from operators.errors import ConfigError, InputError, PipelineError, StorageError
 from operators.io.parquet import read_parquet
-from operators.io.storage import join, retries_done, still_present
+from operators.io.storage import join, retries_done, still_present, write_bytes
 from operators.models.specs import ModelSpec
 from operators.write.sink import SinkOptions
 from pipelines import __version__
@@ -54,15 +54,17 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print, command
     _check_output_outside_input(cfg)
     so = dict(cfg.storage_options)
     lease = Lease(cfg.output, run_id, cfg.lease_ttl_s, so).acquire()  # a second writer stops here
+    log_mark = getattr(progress, "log_mark", lambda: None)()  # Ray's output kept out of sight: this run's share
     if lease.taken_over is not None:
         report.lease_taken_over = lease.taken_over.describe()
         progress(f"took over a stale lease of {report.lease_taken_over}")
     try:
-        _run(cfg, spec, report, lease, progress, t_start, wall_start)
+        _run(cfg, spec, report, lease, progress, t_start, wall_start, log_mark)
     except BaseException as e:
         report.status, report.finished, report.error = "failed", now(), str(e)[:4000]
         report.lease_renewals = lease.renewals
         try:
+            keep_log(cfg, report, progress, log_mark)
             save_report(cfg, report)
         except StorageError:  # the store that failed the run may refuse the report too: the run's error matters
             pass
@@ -72,8 +74,19 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print, command
     return report.to_dict()
 
 
+def keep_log(cfg: EmbedConfig, report: RunReport, progress: Callable[[str], None], mark: int | None) -> None:
+    """Ray's output during the run, when the command kept it off the console (pipelines/cli/raylog.py), beside
+    the run's report: ``_runs/<run id>.log`` (the report's ``log``)."""
+    since = getattr(progress, "log_since", None)
+    body = since(mark) if since is not None and mark is not None else b""
+    if body:
+        report.log = join(cfg.output, "_runs", f"{report.run_id}.log")
+        write_bytes(report.log, body, cfg.storage_options)
+        progress(f"Ray's output of this run: {report.log}")
+
+
 def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, progress: Callable[[str], None],
-         t_start: float, wall_start: float) -> None:
+         t_start: float, wall_start: float, log_mark: int | None = None) -> None:
     so = dict(cfg.storage_options)
     cfp = report.content_fingerprint
     driver_retries = retries_done()
@@ -175,6 +188,7 @@ def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, pro
         from pipelines.embed.metrics import publish
 
         report.metrics = publish(report.to_dict())
+    keep_log(cfg, report, progress, log_mark)
     save_report(cfg, report)
 
 

@@ -22,6 +22,7 @@ class RunReport:
     finished: str = ""
     status: str = "running"
     error: str = ""
+    log: str = ""  # Ray's output during the run, when the command kept it off the console (_runs/<run id>.log)
     snapshot: int | None = None
     base_snapshot: int = 0
     model: str = ""

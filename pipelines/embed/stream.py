@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from pipelines.config import EmbedConfig, read_options
 from pipelines.embed.plan import PieceWork
 from pipelines.embed.report import RunReport
 from pipelines.embed.tracker import Tracker
+from pipelines.embed.watch import RunWatch
 from pipelines.runtime import actor_streams, batch_autotune, check_resources, init_ray
 
 MIN_ACTORS_WAIT_S = 1800  # min_actors > 1: work starts once they are all up; not up in this long -> the run fails
@@ -57,10 +57,11 @@ def stream_pieces(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: li
 
         blocks, report.reuse = plan_reuse(cfg, blocks, stored, sink.staged("reuse"))
         report.storage_retries += report.reuse["storage_retries"]
-    with data_context(cfg), SlowTail(cfg, report, progress) as tail:
+    with data_context(cfg), RunWatch(cfg, report, progress, tracker) as watch:
         try:
             if blocks:
-                ds = embedding_dataset(cfg, spec, report.resources, blocks, sink, tail.name)
+                watch.planned(blocks)
+                ds = embedding_dataset(cfg, spec, report.resources, blocks, sink, watch.name)
                 carry.pump(block=False)
                 collect(ds, report, tracker, carry, t_start)
                 report.operators = operator_names(ds)
@@ -77,70 +78,6 @@ def start_ray(cfg: EmbedConfig, report: RunReport, t_start: float) -> None:
     init_ray(cfg.ray_address, {k: 10_000.0 for k in {**cfg.preprocess_resources, **cfg.embed_resources}})
     report.startup["ray_ready"] = round(time.perf_counter() - t_start, 3)
     report.resources = check_resources(cfg)
-
-
-class SlowTail:
-    """The run's block board (:class:`operators.watchdog.BlockBoard`) and a thread that names, in the progress
-    line, the blocks running far longer than their peers (3x their stage's median), every few seconds."""
-
-    def __init__(self, cfg: EmbedConfig, report: RunReport, progress: Callable[[str], None]) -> None:
-        self.name = f"featx-board-{report.run_id}"
-        self.progress = progress
-        self.interval = min(10.0, max(0.5, cfg.task_timeout_s / 4)) if cfg.task_timeout_s else 10.0
-        self.report = report
-        self._stop = threading.Event()
-        self._board: Any = None
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "SlowTail":
-        import ray
-
-        from operators.watchdog import BlockBoard
-
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)  # beside the driver
-        self._board = ray.remote(BlockBoard).options(name=self.name, num_cpus=0, scheduling_strategy=here).remote()
-        self._thread = threading.Thread(target=self._watch, name="featx-slow-tail", daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.poll()
-
-    def poll(self) -> None:
-        """Ask the board for the slow tail and name it in the progress line."""
-        import ray
-
-        try:
-            slow = ray.get(self._board.slow.remote(), timeout=5)
-        except Exception:  # noqa: BLE001 - informative only
-            return
-        if slow:
-            self.report.slow_blocks = (self.report.slow_blocks + slow)[-50:]
-            self.progress("slow tail: " + "; ".join(_slow_words(b) for b in slow[:3])
-                          + (f"; {len(slow) - 3} more" if len(slow) > 3 else ""))
-
-    def __exit__(self, *exc: Any) -> None:
-        import ray
-
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=15)
-        self.poll()  # what happened since the last look (a block killed just before the end)
-        try:
-            ray.kill(self._board)
-        except Exception:  # noqa: BLE001
-            pass
-
-
-def _slow_words(b: dict[str, Any]) -> str:
-    if "deadline" in b:
-        return (f"{b['block']} ({b['stage']}) was stuck: killed after {b['seconds']:.0f} s, past its deadline of "
-                f"{b['deadline']:.0f} s, then retried or isolated")
-    return (f"{b['block']} ({b['stage']}) running {b['seconds']:.0f} s, {b['seconds'] / max(b['median'], 1e-3):.0f}x "
-            f"its peers' median {b['median']:.1f} s")
 
 
 class CarryOver:
@@ -252,11 +189,18 @@ def embedding_dataset(cfg: EmbedConfig, spec: ModelSpec, resources: dict[str, An
             num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None, resources=cfg.embed_resources or None,
             max_restarts=-1, max_task_retries=cfg.max_task_retries,  # dead actors are replaced
         )
-        # writes are small I/O-bound tasks: they take no CPU slot (so reads and actors keep theirs),
-        # and a fixed-size task pool bounds how many run at once
+        # writes are small I/O-bound tasks: they take no CPU slot (so reads and actors keep theirs), and a
+        # fixed-size task pool bounds how many run at once: no more than the blocks that reach it (Ray Data
+        # warns of a pool larger than its inputs)
         return ds.map_batches(write_piece, fn_args=(sink,), batch_size=None, batch_format="pyarrow", num_cpus=0,
-                              compute=ray.data.TaskPoolStrategy(size=max(2, resources["max_actors"])),
+                              compute=ray.data.TaskPoolStrategy(size=write_pool_size(resources["max_actors"], len(blocks))),
                               max_retries=cfg.max_task_retries)
+
+
+def write_pool_size(max_actors: int, blocks: int) -> int:
+    """Write tasks at once: two per run or one per actor, but never more than the blocks to write (each block
+    reaches the writes as one input at least)."""
+    return max(1, min(max(2, max_actors), blocks))
 
 
 def collect(ds: Any, report: RunReport, tracker: Tracker, carry: CarryOver, t_start: float) -> None:

@@ -33,13 +33,19 @@ class Tracker:
         self.embed_parts: dict[str, list[dict[str, Any]]] = {}
         self.carry_parts: dict[str, dict[str, Any]] = {}
         self.records: dict[str, dict[str, Any]] = {}
+        # the write stage's live counts (the progress display): rows written, error rows, rows held back for
+        # the fill pass, rows carried over
+        self.written = {"rows": 0, "errors": 0, "held": 0, "carried": 0}
 
     def add_embedded(self, r: dict[str, Any]) -> None:
         self.embed_parts.setdefault(r["piece"], []).append(r)
+        for key, field in (("rows", "rows"), ("errors", "error_rows"), ("held", "held_rows")):
+            self.written[key] += int(r.get(field) or 0)
         self._maybe_done(r["piece"])
 
     def add_carried(self, r: dict[str, Any]) -> None:
         self.carry_parts[r["piece"]] = r
+        self.written["carried"] += int(r.get("rows") or 0) + int(r.get("error_rows") or 0)
         self._maybe_done(r["piece"])
 
     def embedded_complete(self, pid: str) -> bool:

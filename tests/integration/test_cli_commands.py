@@ -98,6 +98,64 @@ def featx(*args: str, cwd: Path, expect: int = 0, timeout: float = 240, env: dic
     return run
 
 
+# Ray's own lines, which a featx command keeps in its log file (pipelines/cli/raylog.py), never on the console: a
+# Python log line of Ray's, a C++ log line, a worker's output that Ray forwards, a Python warning
+RAY_LINE = re.compile(r"\b(INFO|WARNING|ERROR|DEBUG)\s+[\w./]+\.py:\d+ --|\.cc:\d+:|^\s*\(\w[^)]*pid=\d+|"
+                      r"\w+Warning:", re.M)
+
+
+def ray_lines(text: str) -> list[str]:
+    return [line for line in ANSI_ALL.sub("", text).splitlines() if RAY_LINE.search(line)]
+
+
+ANSI_ALL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def featx_tty(*args: str, cwd: Path, timeout: float = 240) -> Run:
+    """``featx ARGS`` on a terminal (a pseudo-terminal of 120 columns holds its stdin, stdout and stderr, as in
+    an interactive shell); ``out`` is everything the terminal got, escape codes included."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 120, 0, 0))
+    env = {k: v for k, v in _env().items() if k != "COLUMNS"}
+    proc = subprocess.Popen([str(FEATX), *args], cwd=str(cwd), env={**env, "TERM": "xterm-256color"}, stdin=slave,
+                            stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the terminal closed: every process that held it is gone
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            elif proc.poll() is not None:
+                break
+        else:
+            pytest.fail(f"featx {' '.join(args)} ran past {timeout} s on a terminal")
+        proc.wait(timeout=30)
+    finally:
+        os.close(master)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    text = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
+    run = Run(list(args), proc.returncode, text, "")
+    assert run.code == 0, f"featx {' '.join(args)} -> {run.code}\n{ANSI_ALL.sub('', text)[-6000:]}"
+    assert not unexpected_tracebacks(text), ANSI_ALL.sub("", text)[-6000:]
+    return run
+
+
 def _resolved_config(err: str) -> dict[str, Any]:
     """The resolved config a job command printed on stderr (before any work)."""
     start = err.index("resolved config:")
@@ -132,6 +190,11 @@ def test_embed_refresh_status(work: dict[str, Any]) -> None:
     assert cfg["model"] == work["model"] and cfg["passthrough"] == ["id", "label"] and cfg["batch_size"] == 64
     report = run.json()
     assert report["status"] == "succeeded" and report["rows_out"] == work["records"] and report["error_rows"] == 0
+    # not a terminal: featx's lines only (the stream's last counts as one plain progress line), Ray's in the log
+    assert not ray_lines(run.err), ray_lines(run.err)
+    assert re.search(r"^progress \S+ · read 32/32 rows .* · write 32/32 rows", run.err, re.M), run.err
+    assert report["log"] == str(table / "_runs" / f"{report['run_id']}.log")
+    assert ray_lines(Path(report["log"]).read_text())  # ... where Ray's lines went
     res = report["resources"]  # every "auto" value of the pool, resolved on this 2-CPU local Ray, and named
     assert res["local_ray"] is True and res["max_actors"] == 1 and res["torch_threads"] >= 1
     assert {"torch_threads", "cpu_streams", "batch_autotune", "max_batch_size"} <= set(res["auto"])
@@ -152,9 +215,16 @@ def test_embed_refresh_status(work: dict[str, Any]) -> None:
     dry = featx("refresh", "--output", str(table), "--dry-run", "--json", cwd=root, expect=3).json()
     assert dry["shards"] == {"new": 1, "changed": 0, "removed": 0, "unchanged": 3} and dry["estimate"]["runs"] == 1
     assert dry["embed"]["shards"] == 1 and dry["embed"]["records_estimate"] > 0
-    run = featx("refresh", "--output", str(table), "--json", cwd=root)
-    assert _resolved_config(run.err)["input"] == str(work["input"])
-    report = run.json()
+    # the refresh on a terminal: featx's live display (redrawn in place), none of Ray's lines
+    run = featx_tty("refresh", "--output", str(table), cwd=root)
+    shown = ANSI_ALL.sub("", run.out)
+    assert _resolved_config(shown)["input"] == str(work["input"])
+    assert re.search(r"featx refresh · hf:\S+ · \d+:\d\d · ETA", shown) and "\x1b[1A" in run.out, shown
+    assert re.search(r"^  write .* 4/4 rows +[\d.]+ rows/s", shown, re.M), shown
+    assert not ray_lines(run.out) and "progress " not in shown, ray_lines(run.out)
+    log = re.search(r"Ray's output of this run: (\S+)", shown).group(1)
+    report = json.loads(Path(log[:-len(".log")] + ".json").read_text())
+    assert ray_lines(Path(log).read_text()) and report["log"] == log
     assert report["status"] == "succeeded" and report["shards_processed"] == 1 and report["rows_out"] == 4
     assert report["changes"]["added_count"] == 1 and report["published_rows"] == work["records"] + 4
     # the run made the plan's estimate at its start, and compares it with its own time
@@ -245,8 +315,11 @@ def test_demo_and_models(tmp_path: Path) -> None:
         assert name in listed.out
     run = featx("demo", "--dir", str(tmp_path / "demo"), cwd=tmp_path, timeout=360)
     assert "[4/4]" in run.err and "FLOAT[384]" in run.err
+    assert not ray_lines(run.err), ray_lines(run.err)  # featx's own lines only (issue 23: `make demo`)
     for kind in ("images", "text"):
         assert (tmp_path / "demo" / "output" / kind / "_manifest.json").is_file()
+        logs = list((tmp_path / "demo" / "output" / kind / "_runs").glob("*.log"))
+        assert len(logs) == 1 and ray_lines(logs[0].read_text())  # Ray's lines: in the run's log
 
 
 def test_submit_and_jobs(work: dict[str, Any], ray_head: dict[str, Any]) -> None:  # noqa: F811

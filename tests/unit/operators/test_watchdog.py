@@ -89,3 +89,20 @@ def test_the_board_reports_a_killed_block_once_then_the_slow_ones() -> None:
     assert first[0] == {"block": "block of piece c", "stage": "read", "seconds": 2.1, "deadline": 2.0}
     assert [b["block"] for b in first[1:]] == ["block of piece a"]  # 30 s against a median of 1 s
     assert [b["block"] for b in board.slow()] == ["block of piece a"]  # the kill is reported once
+
+
+def test_the_board_sums_what_finished_blocks_put_out_per_stage() -> None:
+    import pyarrow as pa
+
+    from operators.watchdog import outcome
+
+    block = pa.table({"_err_stage": [None, "decode", None, "embed"], "_how": [0, 1, 2, 3]})
+    assert outcome(block, "_err_stage") == {"rows": 4, "errors": 2}
+    assert outcome(block, "_err_stage", "_how") == {"rows": 4, "errors": 2, "reused": 1, "deduped": 2}
+    board = BlockBoard()
+    board.start("block of piece a", "read", 0.0)
+    board.start("block of piece b", "read", 0.0)
+    board.done("block of piece a", "read", 1.0, {"rows": 4, "errors": 2, "bytes": 100})
+    board.done("block of piece c", "embed", 1.0, {})  # a failed block (retried): timed, not counted
+    assert board.counts() == {"read": {"blocks": 1, "rows": 4, "errors": 2, "bytes": 100, "running": 1},
+                              "embed": {"blocks": 0, "running": 0}}

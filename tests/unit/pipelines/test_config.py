@@ -162,7 +162,8 @@ def test_the_keys_of_every_job_are_kept() -> None:
         EmbedConfig: "input format text_column image_column key_column passthrough storage_options output "
                      "embedding_dtype max_error_fraction piece_max_shards piece_target_mb shard_fingerprint "
                      "keep_snapshots reuse lease_ttl_s "
-                     "max_task_retries journal_interval_s max_record_attempts task_timeout_s model weights revision pooling normalize "
+                     "max_task_retries journal_interval_s max_record_attempts task_timeout_s progress_interval_s "
+                     "model weights revision pooling normalize "
                      "max_length trust_remote_code batch_size batch_autotune max_batch_size torch_compile num_gpus "
                      "num_cpus min_actors max_actors precision image_decode preprocess_num_cpus preprocess_memory_mb "
                      "torch_threads cpu_streams embed_resources preprocess_resources ray_address",

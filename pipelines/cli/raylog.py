@@ -1,0 +1,204 @@
+"""Ray's own output during a featx command: in a log file, not on the user's console.
+
+A job command's process prints Ray's INFO/WARNING logs (its Python loggers), Ray Data's progress, the logs
+of the workers that Ray forwards to the driver, Python warnings, and the core worker's C++ log lines. Under
+:class:`RayLog` the process's file descriptors 1 and 2 go to a pipe; a thread writes everything that comes
+through to a log file (the run keeps its share beside its report: ``_runs/<run id>.log``) and turns the lines
+that matter to the user into featx's one-line messages (:func:`translate`: what it means, what to do). featx's
+own console keeps the terminal (a duplicate of the original stderr). ``--verbose`` shows Ray's output as it
+comes instead, but for the lines known to be harmless under featx (:data:`HARMLESS`).
+
+Errors are not hidden: a featx error and an unexpected traceback print after the capture has ended, in full.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional, TextIO
+
+KEEP_LOGS = 20  # local copies of earlier commands' logs kept in the log folder
+NOTICE_EVERY_S = 60.0  # a notice of one kind at most this often
+
+# Ray's lines that say nothing a featx user needs, by design of featx's pipeline (kept in the log file):
+HARMLESS = (
+    # Ray Data passes each actor its map function as an object-store reference; the driver owns it for the
+    # dataset's lifetime, and an actor restart within the run reads it from there (Ray 2.60's core worker
+    # still warns at every actor start: ray-project/ray#53727)
+    re.compile(r"has constructor arguments in the object store and max_restarts > 0"),
+    # a local Ray started by featx has token auth on, as Ray's default is
+    re.compile(r"Token authentication is enabled for this Ray cluster"),
+)
+
+# (kind, pattern, what featx says): Ray's lines that matter, in featx's words
+NOTICES: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("memory", re.compile(r"memory pressure|running low on memory|OutOfMemoryError|killed due to .*memory", re.I),
+     "Ray killed a worker for lack of memory on its node; featx retries its block. If this repeats, lower "
+     "batch_size (or preprocess_memory_mb), or run on nodes with more memory."),
+    ("unschedulable", re.compile(r"cannot be scheduled right now|No available node types can fulfill|"
+                                 r"infeasible", re.I),
+     "Ray cannot place some of the run's work on this cluster yet (no node has the CPUs, GPUs or custom "
+     "resources it asks for); it waits for one. Lower num_cpus / num_gpus / the *_resources keys, or add nodes."),
+    ("spill", re.compile(r"Spilled \d+ MiB|spilling objects", re.I),
+     "Ray's object store is full and spills to disk: the run goes on, slower. Fewer rows in flight (a smaller "
+     "batch_size or max_actors) or more object store memory avoids it."),
+    ("worker-died", re.compile(r"A worker died or was killed|The actor died|Worker exit type: SYSTEM_ERROR|"
+                               r"worker .*exited unexpectedly", re.I),
+     "a Ray worker process died; featx retries its block, and quarantines a record that keeps killing workers "
+     "(stage=worker in _errors)."),
+)
+# a warning or error line of Ray's (Python logging or the C++ log), not otherwise named
+RAY_PROBLEM = re.compile(r"^\S*\s?\[?\d{4}-\d\d-\d\d[ T][\d:,.]+\s+(WARNING|ERROR|[EW]\s+\d+)\b|"
+                         r"\bUserWarning\b|\bWARNING\b.*\.py:\d+ --|^\[.*\] [EW] \d+ \d+\]")
+
+
+def translate(line: str) -> Optional[tuple[str, str]]:
+    """A line of Ray's output -> (kind, featx's message) when it matters to the user; ``("other", "")`` for
+    another warning or error line (counted, not shown); None for the rest (and for :data:`HARMLESS` lines)."""
+    if any(p.search(line) for p in HARMLESS):
+        return None
+    for kind, pattern, message in NOTICES:
+        if pattern.search(line):
+            return kind, message
+    if RAY_PROBLEM.search(line):
+        return "other", ""
+    return None
+
+
+def log_folder() -> Path:
+    """Where a command's Ray log is written as it runs (FEATX_LOG_DIR, else a featx folder in the temp dir)."""
+    root = os.environ.get("FEATX_LOG_DIR") or os.path.join(tempfile.gettempdir(), f"featx-{os.getuid()}", "logs")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class RayLog:
+    """``with RayLog(notice, verbose) as log:`` fds 1 and 2 of this process go to ``log.path`` (see the module
+    docstring); ``log.terminal`` is the original stderr, for featx's own console. ``notice(message)`` gets
+    featx's one-liners; :meth:`mark` / :meth:`since` cut one run's share out of the log."""
+
+    def __init__(self, notice: Callable[[str], None], verbose: bool = False, path: Optional[Path] = None) -> None:
+        self.notice = notice
+        self.verbose = verbose
+        self.path = path or log_folder() / f"featx-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+        self.terminal: TextIO = sys.stderr
+        self.other = 0  # Ray's warning/error lines not turned into a notice
+        self._seen: dict[str, float] = {}
+        self._file: Optional[io.BufferedWriter] = None
+        self._saved: tuple[int, int] = (-1, -1)
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "RayLog":
+        _prune(self.path.parent)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._file = open(self.path, "ab")
+        self._saved = (os.dup(1), os.dup(2))
+        self.terminal = open(os.dup(self._saved[1]), "w", buffering=1, encoding="utf-8", errors="replace")
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 1)
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        self._thread = threading.Thread(target=self._pump, args=(read_end,), name="featx-ray-log", daemon=True)
+        self._thread.start()
+        return self
+
+    def _pump(self, fd: int) -> None:
+        with open(fd, "rb", buffering=0) as pipe:
+            pending = b""
+            while True:
+                chunk = pipe.read(65536)
+                if not chunk:
+                    break
+                with self._lock:
+                    if self._file is None:  # the command is over: what a straggler prints is dropped
+                        continue
+                    self._file.write(chunk)
+                    self._file.flush()
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    self._line(raw.decode("utf-8", "replace"))
+            if pending:
+                self._line(pending.decode("utf-8", "replace"))
+
+    def _line(self, line: str) -> None:
+        if self.verbose:
+            if not any(p.search(line) for p in HARMLESS):
+                self._say_raw(line)
+            return
+        got = translate(line)
+        if got is None:
+            return
+        kind, message = got
+        if kind == "other":
+            self.other += 1
+            return
+        now = time.monotonic()
+        if now - self._seen.get(kind, -1e9) >= NOTICE_EVERY_S:
+            self._seen[kind] = now
+            try:
+                self.notice(f"note: {message} (Ray's words are in its log)")
+            except Exception:  # noqa: BLE001 - a notice must never stop the pump (Ray would block on a full pipe)
+                pass
+
+    def _say_raw(self, line: str) -> None:
+        try:
+            self.terminal.write(line + "\n")
+        except Exception:  # noqa: BLE001
+            pass
+
+    def mark(self) -> int:
+        """The log's size now: where a run's share starts."""
+        with self._lock:
+            return self.path.stat().st_size if self.path.exists() else 0
+
+    def since(self, mark: int) -> bytes:
+        """What the log took in after ``mark``."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(0.2)  # the pump's last chunk
+        with self._lock, open(self.path, "rb") as f:
+            f.seek(mark)
+            return f.read()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001
+            pass
+        out, err = self._saved
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        os.close(out)
+        os.close(err)
+        if self._thread is not None:
+            # EOF once no process holds the pipe's write end (a Ray process started with our fds may keep it a
+            # while: the pump is a daemon thread and the log file stays whole up to here)
+            self._thread.join(timeout=3)
+        try:
+            self.terminal.flush()
+            self.terminal.close()
+        except Exception:  # noqa: BLE001
+            pass
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+def _prune(folder: Path) -> None:
+    logs = sorted(folder.glob("featx-*.log"), key=lambda p: p.stat().st_mtime)
+    for old in logs[:-KEEP_LOGS] if len(logs) > KEEP_LOGS else []:
+        try:
+            old.unlink()
+        except OSError:
+            pass
