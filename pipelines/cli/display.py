@@ -182,7 +182,10 @@ class RunDisplay:
             view = stage_view(counts, self._rates.add(seconds, counts))
             if self.live_ok:
                 if self._live is None:
-                    self._live = Live(panel(view), console=self.console, refresh_per_second=4, transient=False)
+                    # featx's lines (console.print) show above the display; sys.stdout/stderr are left alone:
+                    # what Ray prints through them belongs in its log (pipelines/cli/raylog.py), not here
+                    self._live = Live(panel(view), console=self.console, refresh_per_second=4, transient=False,
+                                      redirect_stdout=False, redirect_stderr=False)
                     self._live.start()
                 else:
                     self._live.update(panel(view))

@@ -144,10 +144,17 @@ def data_context(cfg: EmbedConfig) -> Iterator[None]:
         # GPU actors: the start waits until they are all up, else the first one up would queue the first
         # windows while the others load
         ctx.wait_for_min_actors_s = MIN_ACTORS_WAIT_S
+    saved_filters = warnings.filters[:]
+    if cfg.num_gpus:
+        # GPU actors put out windows of rows, not one output per block: the write pool's bound (see
+        # write_pool_size) may exceed the outputs that reach it, which Ray Data warns of; a bound, not a need
+        warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks for 'MapBatches\(write_piece",
+                                category=UserWarning)
     try:
         yield
     finally:
         ctx.max_errored_blocks, ctx.wait_for_min_actors_s = saved_errored, saved_wait
+        warnings.filters[:] = saved_filters
 
 
 def embedding_dataset(cfg: EmbedConfig, spec: ModelSpec, resources: dict[str, Any], blocks: list[pa.Table],
