@@ -36,6 +36,16 @@ def test_fixed_per_record_and_per_piece_seconds_from_earlier_runs() -> None:
     assert abs(got["seconds"] - (fixed + per_record * 100 + per_piece * 63)) < 0.01
 
 
+def test_the_fixed_part_holds_the_start_up_to_the_first_result_where_reports_have_it() -> None:
+    runs = [_run(1000, 40.0, pieces=20, embed=30.0, other=10.0), _run(0, 1.0)]
+    runs[0]["startup"]["first_result"] = 6.0  # Ray ready at 2 s, the models loaded, the first block back at 6 s
+    fixed = 1.0 + 6.0
+    per_record, per_piece = 0.75 * (40.0 - fixed) / 1000, 0.25 * (40.0 - fixed) / 20
+    got = estimate(_work(10, 5), runs, "m")
+    assert got["fixed_seconds"] == fixed
+    assert abs(got["seconds"] - (fixed + per_record * 10 + per_piece * 5)) < 0.01
+
+
 def test_nothing_pending_is_the_time_of_runs_that_had_nothing_to_do() -> None:
     got = estimate(_work(0, 0, pending=False), [_run(1000, 50.0), _run(0, 2.0), _run(0, 4.0)], "m")
     assert got["seconds"] == 3.0
