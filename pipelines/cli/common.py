@@ -85,6 +85,26 @@ def job_run(ray_log: bool = False, verbose: bool = False) -> Iterator["RunDispla
                 say(f"Ray logged {log.other} more warning or error lines; they are in {log.path}")
 
 
+@contextmanager
+def job_log(display: "RunDisplay", folder: str, storage_options: dict[str, Any] | None = None) -> Iterator[None]:
+    """Around a learning job's work: Ray's output during it (kept off the console by job_run) is written to
+    ``FOLDER/_ray.log`` when it ends, failed or not (the leading underscore keeps it out of readers' globs)."""
+    mark = display.log_mark()
+    try:
+        yield
+    finally:
+        body = display.log_since(mark)
+        if body:
+            from operators.io.storage import join, write_bytes
+
+            where = join(folder, "_ray.log")
+            try:
+                write_bytes(where, body, storage_options)
+                say(f"Ray's output of this job: {where}")
+            except Exception:  # noqa: BLE001 - the job's own outcome matters more; the local log stays
+                say(f"Ray's output of this job: {display.ray_log.path}")
+
+
 def _owns_stderr() -> bool:
     """Whether this process's stderr is its file descriptor 2 (a console script's is; a test runner's or an
     embedding application's stream is not, and featx leaves its descriptors alone)."""

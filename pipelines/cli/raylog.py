@@ -3,9 +3,11 @@
 A job command's process prints Ray's INFO/WARNING logs (its Python loggers), Ray Data's progress, the logs
 of the workers that Ray forwards to the driver, Python warnings, and the core worker's C++ log lines. Under
 :class:`RayLog` the process's file descriptors 1 and 2 go to a pipe; a thread writes everything that comes
-through to a log file (the run keeps its share beside its report: ``_runs/<run id>.log``) and turns the lines
-that matter to the user into featx's one-line messages (:func:`translate`: what it means, what to do). featx's
-own console keeps the terminal (a duplicate of the original stderr). ``--verbose`` shows Ray's output as it
+through to a log file (an embedding run keeps its share beside its report, ``_runs/<run id>.log``; a learning
+job in its output folder, ``_ray.log``) and turns the lines that matter to the user into featx's one-line
+messages (:func:`translate`: what it means, what to do); featx's own lines that workers print (an epoch's
+figures) are shown as they are (:func:`worker_line`). featx's own console keeps the terminal (a duplicate of
+the original stderr). ``--verbose`` shows Ray's output as it
 comes instead, but for the lines known to be harmless under featx (:data:`HARMLESS`).
 
 Errors are not hidden: a featx error and an unexpected traceback print after the capture has ended, in full.
@@ -57,6 +59,17 @@ RAY_PROBLEM = re.compile(r"^\S*\s?\[?\d{4}-\d\d-\d\d[ T][\d:,.]+\s+(WARNING|ERRO
                          r"\bUserWarning\b|\bWARNING\b.*\.py:\d+ --|^\[.*\] [EW] \d+ \d+\]")
 
 
+# a featx line that a worker printed and Ray forwarded: "(RayTrainWorker pid=8349) featx: epoch 3/50: ..."
+WORKER_FEATX = re.compile(r"^\(.*?\bpid=\d+[^)]*\)\s*featx: (.*)$")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def worker_line(line: str) -> Optional[str]:
+    """featx's own line in a worker's forwarded output (an epoch's figures, a block killed at its deadline)."""
+    m = WORKER_FEATX.match(ANSI.sub("", line).strip())
+    return m.group(1) if m else None
+
+
 def translate(line: str) -> Optional[tuple[str, str]]:
     """A line of Ray's output -> (kind, featx's message) when it matters to the user; ``("other", "")`` for
     another warning or error line (counted, not shown); None for the rest (and for :data:`HARMLESS` lines)."""
@@ -90,6 +103,7 @@ class RayLog:
         self.terminal: TextIO = sys.stderr
         self.other = 0  # Ray's warning/error lines not turned into a notice
         self._seen: dict[str, float] = {}
+        self._last_own: Optional[str] = None
         self._file: Optional[io.BufferedWriter] = None
         self._saved: tuple[int, int] = (-1, -1)
         self._thread: Optional[threading.Thread] = None
@@ -134,6 +148,12 @@ class RayLog:
             if not any(p.search(line) for p in HARMLESS):
                 self._say_raw(line)
             return
+        own = worker_line(line)
+        if own is not None:
+            if own != self._last_own:  # Ray's progress bars redraw the last forwarded line: shown once
+                self._last_own = own
+                self._notify(own)
+            return
         got = translate(line)
         if got is None:
             return
@@ -144,10 +164,13 @@ class RayLog:
         now = time.monotonic()
         if now - self._seen.get(kind, -1e9) >= NOTICE_EVERY_S:
             self._seen[kind] = now
-            try:
-                self.notice(f"note: {message} (Ray's words are in its log)")
-            except Exception:  # noqa: BLE001 - a notice must never stop the pump (Ray would block on a full pipe)
-                pass
+            self._notify(f"note: {message} (Ray's words are in its log)")
+
+    def _notify(self, message: str) -> None:
+        try:
+            self.notice(message)
+        except Exception:  # noqa: BLE001 - a notice must never stop the pump (Ray would block on a full pipe)
+            pass
 
     def _say_raw(self, line: str) -> None:
         try:

@@ -135,7 +135,7 @@ class Model:
     def targets(self, batch: pa.Table) -> Any:
         import torch
 
-        return torch.from_numpy(batch[Y].to_numpy()).to(self.bb.device)
+        return torch.tensor(batch[Y].to_numpy()).to(self.bb.device)  # a copy: Arrow's buffer is read-only
 
     def step(self, batch: pa.Table) -> tuple[float, int]:
         """One optimizer step (mixed precision, gradients all-reduced by hand); (summed loss, rows)."""

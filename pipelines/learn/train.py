@@ -181,7 +181,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     def xy(batch: pa.Table, training: bool) -> tuple[Any, Any]:
         x = features(vectors_from_arrow(batch[C.EMBEDDING], spec.dim), spec, train=training)
-        return x, torch.from_numpy(batch[Y].to_numpy())
+        return x, torch.tensor(batch[Y].to_numpy())  # a copy: Arrow's buffer is read-only (torch would warn)
 
     def one_epoch(epoch: int) -> EpochSums:
         batches = train.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow",
@@ -236,7 +236,7 @@ def linear_loop(config: dict[str, Any]) -> dict[str, Any]:
     cm, vloss = np.zeros((spec.n_classes, spec.n_classes)), 0.0
     for b in val.iter_batches(batch_size=4096, batch_format="pyarrow"):
         bc, bl = eval_batch(head, features(vectors_from_arrow(b[C.EMBEDDING], spec.dim), spec, train=False),
-                            torch.from_numpy(b[Y].to_numpy()), spec.n_classes)
+                            torch.tensor(b[Y].to_numpy()), spec.n_classes)
         cm, vloss = cm + bc, vloss + bl
     held, cm = epoch_metrics(0, EpochSums(0.0, 0, vloss, cm), t2)  # all-reduced: every worker's held-out rows
     solver = {"c": c, "iterations": sol.iterations, "evaluations": sol.evaluations, "grad_max": sol.grad_max,

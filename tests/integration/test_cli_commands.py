@@ -285,6 +285,7 @@ def test_learn_commands(work: dict[str, Any]) -> None:
     assert summary["solver"]["converged"] and summary["cv"]["folds"] == 3 and summary["held_out"]["val_accuracy"] >= 0
     assert summary["train_rows"] + summary["val_rows"] == work["state"]["rows"]
     assert (root / "head" / "metrics.json").is_file()
+    assert ray_lines((root / "head" / "_ray.log").read_text()) and not ray_lines(run.err), ray_lines(run.err)
 
     pred = featx("predict", "--model", str(root / "head"), "--embeddings", table, "--output", str(root / "pred"),
                  cwd=root).json()
@@ -298,6 +299,7 @@ def test_learn_commands(work: dict[str, Any]) -> None:
     assert cfg["train"]["epochs"] == 3 and cfg["grid"] == {"lr": [0.05]}  # one trial: the grid itself is test_transfer's
     summary = run.json()
     assert summary["n_trials"] == 1 and summary["best_params"]["lr"] == 0.05
+    assert not ray_lines(run.err), ray_lines(run.err)  # Ray Tune's tables and logs: in root/tune/_ray.log
     assert (root / "tune" / "best.yaml").is_file() and (root / "tune" / "trials.csv").is_file()
 
     run = featx("finetune", "--input", str(work["input"]), "--format", "jsonl", "--model", work["model"],
@@ -307,6 +309,8 @@ def test_learn_commands(work: dict[str, Any]) -> None:
     assert _resolved_config(run.err)["model"] == work["model"]
     summary = run.json()
     assert summary["epochs_run"] == 1 and summary["registered_as"]
+    # the epoch's figures, printed by the rank-0 worker, reach the console as featx's line; Ray's lines do not
+    assert re.search(r"^epoch 1/1: train loss [\d.e+-]+ · val loss", run.err, re.M) and not ray_lines(run.err), run.err
 
 
 def test_demo_and_models(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from pipelines.cli.raylog import translate
+from pipelines.cli.raylog import translate, worker_line
 
 ROOT = Path(__file__).resolve().parents[4]
 
@@ -34,6 +34,15 @@ def test_what_matters_is_translated_what_is_harmless_is_not_shown_and_other_warn
         "unschedulable"
     assert translate("(raylet) Spilled 2048 MiB, 12 objects, write throughput 400 MiB/s")[0] == "spill"
     assert translate(UNKNOWN_WARNING) == ("other", "")
+
+
+def test_featx_lines_that_workers_print_are_found_in_what_ray_forwards() -> None:
+    assert worker_line("\x1b[36m(RayTrainWorker pid=8349)\x1b[0m featx: epoch 1/2: train loss 4.3") == \
+        "epoch 1/2: train loss 4.3"
+    assert worker_line("(MapWorker(MapBatches(EmbedActor)) pid=12, ip=10.0.0.2) featx: block of piece a: killed") == \
+        "block of piece a: killed"
+    assert worker_line("(pid=8536) Running Dataset train_1: 0.00 row") is None
+    assert worker_line("featx: a driver line, not forwarded") is None
 
 
 def test_every_kind_of_output_goes_to_the_log_and_the_console_keeps_the_terminal(tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ import torch
 
 from operators.learn.heads import HeadSpec, build_head
 from pipelines.config import TrainConfig
-from pipelines.learn.engine import CHECKPOINT_EVERY, EpochSums, best_epoch, epoch_loop, head_epoch, save_metrics
+from pipelines.learn.engine import (CHECKPOINT_EVERY, EpochSums, best_epoch, epoch_line, epoch_loop, head_epoch,
+                                    save_metrics)
 
 
 def _cfg(**kw: Any) -> TrainConfig:
@@ -132,3 +133,11 @@ def test_a_real_head_learns_through_the_engine(tmp_path: Path) -> None:
 def test_best_epoch_keeps_the_first_of_equals(metric: str) -> None:
     hist = [{"epoch": i + 1, "val_loss": v, "val_accuracy": v, "val_macro_f1": v} for i, v in enumerate([1.0, 1.0])]
     assert best_epoch(hist, metric) == 0
+
+
+def test_an_epochs_progress_line_names_its_figures() -> None:
+    row = {"epoch": 3, "train_loss": 0.41234, "val_loss": 0.4551, "val_accuracy": 0.87125, "val_macro_f1": 0.8,
+           "seconds": 1.23, "improved": True}
+    assert epoch_line(row, 50) == ("featx: epoch 3/50: train loss 0.4123 · val loss 0.4551 · val accuracy 0.871 · "
+                                   "val macro f1 0.800 · 1.2 s (best so far)")
+    assert epoch_line({**row, "improved": False}, 50).endswith("· 1.2 s")
