@@ -66,8 +66,10 @@ class Watchdog:
     """``with Watchdog(stage, floor, label) as wd: ...; wd.size(rows)``: kill this process if the block is still
     running at its deadline (``floor`` until :meth:`size` says how many rows it has). ``floor`` 0 or None: off."""
 
-    def __init__(self, stage: str, floor: float | None, label: str, board: str | None = None) -> None:
+    def __init__(self, stage: str, floor: float | None, label: str, board: str | None = None,
+                 key: str | None = None) -> None:
         self.stage, self.floor, self.label, self.board_name = stage, float(floor or 0), label, board
+        self.key = key or label  # the block's identity on the board: a block heard twice (retried) counts once
         self.rows = 0
         self.deadline = self.floor
         self.counts: dict[str, int] = {}  # what the block put out (:func:`outcome`): reported when it ends
@@ -125,7 +127,7 @@ class Watchdog:
         board = _board(self.board_name)
         if board is not None:
             # a failed block is retried (or isolated): only a finished one's output counts
-            board.done.remote(self.label, self.stage, elapsed, self.counts if exc_type is None else {})
+            board.done.remote(self.label, self.stage, elapsed, self.counts if exc_type is None else {}, self.key)
 
 
 def outcome(table: Any, error_column: str, how_column: str | None = None) -> dict[str, int]:
@@ -151,27 +153,29 @@ class BlockBoard:
         self.running: dict[tuple[str, str], float] = {}
         self.durations: dict[str, list[float]] = {}
         self.killed: list[dict[str, Any]] = []  # blocks killed at their deadline, not yet reported
-        self.totals: dict[str, dict[str, int]] = {}  # stage -> summed counts of its finished blocks
+        self.finished: dict[tuple[str, str], dict[str, int]] = {}  # (stage, block key) -> what it put out
 
     def start(self, label: str, stage: str, at: float) -> None:
         self.running[(label, stage)] = at
 
-    def done(self, label: str, stage: str, seconds: float, counts: dict[str, int] | None = None) -> None:
+    def done(self, label: str, stage: str, seconds: float, counts: dict[str, int] | None = None,
+             key: str | None = None) -> None:
         self.running.pop((label, stage), None)
         self.durations.setdefault(stage, []).append(seconds)
-        stage_totals = self.totals.setdefault(stage, {"blocks": 0})
-        if counts:
-            stage_totals["blocks"] += 1
-            for k, v in counts.items():
-                stage_totals[k] = stage_totals.get(k, 0) + v
+        if counts:  # the last word on a block (a retry that finished again replaces it)
+            self.finished[(stage, key or label)] = counts
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Per stage: the finished blocks and what they put out (summed), and how many blocks are running."""
-        running: dict[str, int] = {}
+        out: dict[str, dict[str, int]] = {}
+        for (stage, _), counts in self.finished.items():
+            totals = out.setdefault(stage, {"blocks": 0, "running": 0})
+            totals["blocks"] += 1
+            for k, v in counts.items():
+                totals[k] = totals.get(k, 0) + v
         for _, stage in self.running:
-            running[stage] = running.get(stage, 0) + 1
-        return {stage: {**self.totals.get(stage, {"blocks": 0}), "running": running.get(stage, 0)}
-                for stage in {*self.totals, *running}}
+            out.setdefault(stage, {"blocks": 0, "running": 0})["running"] += 1
+        return out
 
     def stuck(self, label: str, stage: str, seconds: float, deadline: float) -> None:
         """A block's watchdog is about to kill its worker: it ran past its deadline."""

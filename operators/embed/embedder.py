@@ -561,7 +561,10 @@ class EmbedActor:
         from operators.watchdog import Watchdog, block_label, outcome
 
         pieces = pc.unique(table[C.PIECE]).to_pylist() if C.PIECE in table.column_names and table.num_rows else []
-        with Watchdog("embed", self.deadline[0], block_label(pieces), self.deadline[1]) as wd:
+        first = str(table[C.KEY][0]) if C.KEY in table.column_names and table.num_rows else ""
+        # keyed by its first row too: a GPU actor gets a block in several windows, each its own entry
+        with Watchdog("embed", self.deadline[0], block_label(pieces), self.deadline[1],
+                      key=f"{block_label(pieces)}#{first}") as wd:
             wd.size(table.num_rows)
             out = self._call(table)
             wd.put_out(outcome(out, C.ERR_STAGE, C.HOW))

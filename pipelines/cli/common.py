@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, NoReturn, Optional, TypeVar
@@ -65,16 +66,9 @@ def job_run(ray_log: bool = False, verbose: bool = False) -> Iterator["RunDispla
     live on a terminal; ``verbose``: Ray's output also shows as it comes, beside plain progress lines."""
     from pipelines.cli.display import RunDisplay
 
-    capture = ray_log and _owns_stderr()
     with featx_errors(), contextlib.ExitStack() as stack:
-        log = None
-        if capture:
-            from pipelines.cli.raylog import RayLog
-
-            log = stack.enter_context(RayLog(notice=say, verbose=verbose))
-            stack.callback(setattr, console, "file", console.file)  # restored before the log's exit (LIFO)
-            console.file = log.terminal
-        display = RunDisplay(console, live=capture and not verbose and console.is_terminal, ray_log=log)
+        log = _capture(stack, verbose) if ray_log and _owns_stderr() else None
+        display = RunDisplay(console, live=log is not None and not verbose and console.is_terminal, ray_log=log)
         stack.callback(display.close)
         stack.enter_context(contextlib.redirect_stdout(sys.stderr))
         try:
@@ -93,16 +87,38 @@ def job_log(display: "RunDisplay", folder: str, storage_options: dict[str, Any] 
     try:
         yield
     finally:
-        body = display.log_since(mark)
-        if body:
+        try:
             from operators.io.storage import join, write_bytes
 
-            where = join(folder, "_ray.log")
-            try:
+            body = display.log_since(mark)
+            if body:
+                where = join(folder, "_ray.log")
                 write_bytes(where, body, storage_options)
                 say(f"Ray's output of this job: {where}")
-            except Exception:  # noqa: BLE001 - the job's own outcome matters more; the local log stays
-                say(f"Ray's output of this job: {display.ray_log.path}")
+        except Exception:  # noqa: BLE001 - best effort: the job's own outcome matters; the local log stays
+            say(f"Ray's output of this job: {display.ray_log.path}")
+
+
+def _capture(stack: contextlib.ExitStack, verbose: bool) -> Any:
+    """Start keeping Ray's output off the console (pipelines/cli/raylog.py) for the rest of ``stack``; the console
+    writes to the terminal meanwhile. None, with a note, when the log file cannot be set up."""
+    from pipelines.cli.raylog import RayLog
+
+    saved_file, saved_width = console._file, console._width  # restored after the log's exit (LIFO)
+    stack.callback(setattr, console, "_width", saved_width)
+    stack.callback(setattr, console, "_file", saved_file)
+    try:
+        log = stack.enter_context(RayLog(notice=say, verbose=verbose))
+    except OSError as e:
+        say(f"note: Ray's output stays on the console: its log file could not be set up ({e})")
+        return None
+    console.file = log.terminal
+    if log.terminal.isatty():  # fds 1 and 2 are the log now: the width comes from the terminal itself
+        try:
+            console.width = os.get_terminal_size(log.terminal.fileno()).columns
+        except OSError:
+            pass
+    return log
 
 
 def _owns_stderr() -> bool:

@@ -82,6 +82,8 @@ def stage_view(counts: dict[str, Any], rates: dict[str, float]) -> dict[str, Any
     for stage in STAGES:
         c = counts.get(stage) or {}
         done = stage_done(counts, stage)
+        if exact and total is not None:
+            done = min(done, total)  # a block retried after it finished is heard twice
         finished = exact and total is not None and done >= total  # its average, not an idle window's zero
         rate = rates.get(f"avg:{stage}", 0.0) if finished else rates.get(stage, 0.0)
         stages.append({"stage": stage, "done": done, "total": total, "exact": exact,
@@ -93,8 +95,8 @@ def stage_view(counts: dict[str, Any], rates: dict[str, float]) -> dict[str, Any
         eta, basis = max(0.0, (total - written) / rate), "rate"
     elif total is not None and written >= total:
         eta, basis = 0.0, "rate"
-    elif counts.get("estimate_s"):
-        eta, basis = max(0.0, float(counts["estimate_s"]) - seconds), "plan"
+    elif counts.get("estimate_s"):  # the plan's time is the whole run's: less the time since the run began
+        eta, basis = max(0.0, float(counts["estimate_s"]) - float(counts.get("run_seconds") or seconds)), "plan"
     else:
         eta, basis = None, None
     embed = counts.get("embed") or {}
@@ -170,12 +172,19 @@ class RunDisplay:
         self._rates = Rates()
         self._last_line = 0.0
         self._run: Any = None
+        self._closed = False
 
     def __call__(self, message: str) -> None:
         self.console.print(message, highlight=False, markup=False)
 
     def stages(self, counts: dict[str, Any]) -> None:
         with self._lock:
+            if self._closed:  # a watcher that outlived its command
+                return
+            if counts.get("read") is None:  # no counts (the board is gone): the last frame stays as it was
+                if counts.get("final"):
+                    self._stop_live()
+                return
             seconds = float(counts.get("seconds") or 0.0)
             if counts.get("run_id") != self._run:  # a new run (featx demo runs two)
                 self._rates, self._last_line, self._run = Rates(), time.monotonic(), counts.get("run_id")
@@ -194,8 +203,7 @@ class RunDisplay:
             elif counts.get("final") or time.monotonic() - self._last_line >= self.interval_s:
                 # a line every interval_s, and the stream's last counts (every stage's rows and rate)
                 self._last_line = time.monotonic()
-                if counts.get("read") is not None:
-                    self(plain_line(view))
+                self(plain_line(view))
 
     def _stop_live(self) -> None:
         if self._live is not None:
@@ -204,6 +212,7 @@ class RunDisplay:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._stop_live()
 
     # -- the run's share of Ray's log (pipelines/embed/job.py keeps it beside the run's report)

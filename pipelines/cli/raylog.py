@@ -2,21 +2,22 @@
 
 A job command's process prints Ray's INFO/WARNING logs (its Python loggers), Ray Data's progress, the logs
 of the workers that Ray forwards to the driver, Python warnings, and the core worker's C++ log lines. Under
-:class:`RayLog` the process's file descriptors 1 and 2 go to a pipe; a thread writes everything that comes
-through to a log file (an embedding run keeps its share beside its report, ``_runs/<run id>.log``; a learning
-job in its output folder, ``_ray.log``) and turns the lines that matter to the user into featx's one-line
-messages (:func:`translate`: what it means, what to do); featx's own lines that workers print (an epoch's
-figures) are shown as they are (:func:`worker_line`). featx's own console keeps the terminal (a duplicate of
-the original stderr). ``--verbose`` shows Ray's output as it
-comes instead, but for the lines known to be harmless under featx (:data:`HARMLESS`).
+:class:`RayLog` the process's file descriptors 1 and 2 write to a log file (an embedding run keeps its share
+beside its report, ``_runs/<run id>.log``; a learning job in its output folder, ``_ray.log``). A thread
+follows the file and turns the lines that matter to the user into featx's one-line messages
+(:func:`translate`: what it means, what to do); featx's own lines that workers print (an epoch's figures)
+are shown as they are (:func:`worker_line`). featx's own console keeps the terminal (a duplicate of the
+original stderr). ``--verbose`` shows Ray's output as it comes as well, but for the lines known to be
+harmless under featx (:data:`HARMLESS`).
 
 Errors are not hidden: a featx error and an unexpected traceback print after the capture has ended, in full.
+A hard crash of the process (a segfault, an abort in Ray's C++ core) leaves its last words in the log file.
 """
 from __future__ import annotations
 
-import io
 import os
 import re
+import stat
 import sys
 import tempfile
 import threading
@@ -84,17 +85,29 @@ def translate(line: str) -> Optional[tuple[str, str]]:
 
 
 def log_folder() -> Path:
-    """Where a command's Ray log is written as it runs (FEATX_LOG_DIR, else a featx folder in the temp dir)."""
+    """Where a command's Ray log is written as it runs: FEATX_LOG_DIR, else a folder of this user's in the temp
+    dir (mode 0700; refused when someone else owns it or it is a link: the log may hold paths and messages)."""
     root = os.environ.get("FEATX_LOG_DIR") or os.path.join(tempfile.gettempdir(), f"featx-{os.getuid()}", "logs")
     path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid():
+        raise OSError(f"the log folder {path} is a link or belongs to another user; set FEATX_LOG_DIR to a folder "
+                      "of your own")
     return path
 
 
 class RayLog:
-    """``with RayLog(notice, verbose) as log:`` fds 1 and 2 of this process go to ``log.path`` (see the module
-    docstring); ``log.terminal`` is the original stderr, for featx's own console. ``notice(message)`` gets
-    featx's one-liners; :meth:`mark` / :meth:`since` cut one run's share out of the log."""
+    """``with RayLog(notice, verbose) as log:`` fds 1 and 2 of this process (and of the processes it starts) write
+    to the log file ``log.path`` (see the module docstring); ``log.terminal`` is the original stderr, for featx's
+    own console. A thread follows the file as it grows: ``notice(message)`` gets featx's one-liners (and with
+    ``verbose``, Ray's lines as they are). :meth:`mark` / :meth:`since` cut one run's share out of the log.
+
+    The descriptors point at the file itself, not at a pipe: a writer never blocks on the reader, nothing is lost
+    when the process dies (a hard crash's last words are in the file), and a process that outlives the command
+    writes on into the file."""
+
+    POLL_S = 0.2
 
     def __init__(self, notice: Callable[[str], None], verbose: bool = False, path: Optional[Path] = None) -> None:
         self.notice = notice
@@ -104,93 +117,90 @@ class RayLog:
         self.other = 0  # Ray's warning/error lines not turned into a notice
         self._seen: dict[str, float] = {}
         self._last_own: Optional[str] = None
-        self._file: Optional[io.BufferedWriter] = None
         self._saved: tuple[int, int] = (-1, -1)
+        self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._lock = threading.Lock()
 
     def __enter__(self) -> "RayLog":
         _prune(self.path.parent)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self._file = open(self.path, "ab")
-        self._saved = (os.dup(1), os.dup(2))
-        self.terminal = open(os.dup(self._saved[1]), "w", buffering=1, encoding="utf-8", errors="replace")
-        read_end, write_end = os.pipe()
-        os.dup2(write_end, 1)
-        os.dup2(write_end, 2)
-        os.close(write_end)
-        self._thread = threading.Thread(target=self._pump, args=(read_end,), name="featx-ray-log", daemon=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            self.terminal = open(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            self._saved = (os.dup(1), os.dup(2))
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+        finally:
+            os.close(fd)
+        self._thread = threading.Thread(target=self._follow, args=(self.mark(),), name="featx-ray-log", daemon=True)
         self._thread.start()
         return self
 
-    def _pump(self, fd: int) -> None:
-        with open(fd, "rb", buffering=0) as pipe:
+    def _follow(self, start: int) -> None:
+        """Read what the log takes in, line by line, until the capture ends (then once more, to the end)."""
+        with open(self.path, "rb") as f:
+            f.seek(start)
             pending = b""
             while True:
-                chunk = pipe.read(65536)
-                if not chunk:
+                stopping = self._stop.is_set()
+                chunk = f.read(1 << 16)
+                if chunk:
+                    *lines, pending = re.split(rb"[\r\n]", pending + chunk)
+                    pending = pending[-(1 << 16):]  # a line without an end (a progress bar) stays bounded
+                    for raw in lines:
+                        if raw:
+                            self._line(raw.decode("utf-8", "replace"))
+                    continue
+                if stopping:
                     break
-                with self._lock:
-                    if self._file is None:  # the command is over: what a straggler prints is dropped
-                        continue
-                    self._file.write(chunk)
-                    self._file.flush()
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for raw in lines:
-                    self._line(raw.decode("utf-8", "replace"))
+                self._stop.wait(self.POLL_S)
             if pending:
                 self._line(pending.decode("utf-8", "replace"))
 
     def _line(self, line: str) -> None:
-        if self.verbose:
-            if not any(p.search(line) for p in HARMLESS):
-                self._say_raw(line)
-            return
-        own = worker_line(line)
-        if own is not None:
-            if own != self._last_own:  # Ray's progress bars redraw the last forwarded line: shown once
-                self._last_own = own
-                self._notify(own)
-            return
-        got = translate(line)
-        if got is None:
-            return
-        kind, message = got
-        if kind == "other":
-            self.other += 1
-            return
-        now = time.monotonic()
-        if now - self._seen.get(kind, -1e9) >= NOTICE_EVERY_S:
-            self._seen[kind] = now
-            self._notify(f"note: {message} (Ray's words are in its log)")
-
-    def _notify(self, message: str) -> None:
         try:
-            self.notice(message)
-        except Exception:  # noqa: BLE001 - a notice must never stop the pump (Ray would block on a full pipe)
-            pass
-
-    def _say_raw(self, line: str) -> None:
-        try:
-            self.terminal.write(line + "\n")
-        except Exception:  # noqa: BLE001
+            if self.verbose:
+                if not any(p.search(line) for p in HARMLESS):
+                    self.terminal.write(line + "\n")
+                return
+            own = worker_line(line)
+            if own is not None:
+                if own != self._last_own:  # Ray's progress bars redraw the last forwarded line: shown once
+                    self._last_own = own
+                    self.notice(own)
+                return
+            got = translate(line)
+            if got is None:
+                return
+            kind, message = got
+            if kind == "other":
+                self.other += 1
+                return
+            now = time.monotonic()
+            if now - self._seen.get(kind, -1e9) >= NOTICE_EVERY_S:
+                self._seen[kind] = now
+                self.notice(f"note: {message} (Ray's words are in its log)")
+        except Exception:  # noqa: BLE001 - the follower only informs; it must never stop
             pass
 
     def mark(self) -> int:
         """The log's size now: where a run's share starts."""
-        with self._lock:
-            return self.path.stat().st_size if self.path.exists() else 0
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return 0
 
     def since(self, mark: int) -> bytes:
-        """What the log took in after ``mark``."""
-        sys.stdout.flush()
-        sys.stderr.flush()
-        time.sleep(0.2)  # the pump's last chunk
-        with self._lock, open(self.path, "rb") as f:
-            f.seek(mark)
-            return f.read()
+        """What the log took in after ``mark`` (empty when it cannot be read)."""
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            with open(self.path, "rb") as f:
+                f.seek(mark)
+                return f.read()
+        except OSError:
+            return b""
 
     def __exit__(self, *exc: object) -> None:
         try:
@@ -203,25 +213,28 @@ class RayLog:
         os.dup2(err, 2)
         os.close(out)
         os.close(err)
+        self._stop.set()
         if self._thread is not None:
-            # EOF once no process holds the pipe's write end (a Ray process started with our fds may keep it a
-            # while: the pump is a daemon thread and the log file stays whole up to here)
-            self._thread.join(timeout=3)
+            self._thread.join(timeout=5)
         try:
             self.terminal.flush()
             self.terminal.close()
         except Exception:  # noqa: BLE001
             pass
-        with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
 
 
-def _prune(folder: Path) -> None:
-    logs = sorted(folder.glob("featx-*.log"), key=lambda p: p.stat().st_mtime)
-    for old in logs[:-KEEP_LOGS] if len(logs) > KEEP_LOGS else []:
+def _prune(folder: Path, keep: int = KEEP_LOGS, min_age_s: float = 86400.0) -> None:
+    """Delete the older local logs: all but the newest ``keep``, and none younger than a day (a long run's)."""
+    now = time.time()
+    logs = []
+    for p in folder.glob("featx-*.log"):
         try:
-            old.unlink()
-        except OSError:
-            pass
+            logs.append((p.stat().st_mtime, p))
+        except OSError:  # another featx pruned it meanwhile
+            continue
+    for mtime, old in sorted(logs)[:-keep] if len(logs) > keep else []:
+        if now - mtime >= min_age_s:
+            try:
+                old.unlink()
+            except OSError:
+                pass

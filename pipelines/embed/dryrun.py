@@ -4,8 +4,8 @@ The plan reads what a run reads before its first Ray task, and nothing more: the
 published manifest. It gives the shards that are new, changed, removed and unchanged, the pieces to build,
 the bytes and (estimated) records to embed, the rows carried over; and a time from this output's earlier
 runs (their reports under ``_runs/``) that embedded something with the same model (those of the latest
-run's resource shape when there are such): fixed seconds (a run with nothing to do, plus the start-up to the
-first result), and the rest split by their stage times into seconds per record (embedding) and per piece built
+run's resource shape when there are such): fixed seconds (the start-up until the first actor has loaded its
+model, at least a run with nothing to do), and the rest split by their stage times into seconds per record (embedding) and per piece built
 (reading, carrying, writing), medians of each (:func:`rates`).
 With no such run it says "no history". A run makes the same estimate at its start and its report compares
 it with the time it took (``estimate``).
@@ -92,13 +92,13 @@ def estimate(work: dict[str, Any], runs: list[dict[str, Any]], model: str) -> di
 
 
 def rates(runs: list[dict[str, Any]], quiet: float) -> tuple[float, float, float]:
-    """From earlier runs: the fixed seconds (what a run with nothing to do takes, plus the start-up of a run
-    that embeds: Ray ready, the actors' models loaded, the first result back; any refresh with work pays it,
-    however little it embeds), and the rest of each run split by its stage times: the embedding stage's share
+    """From earlier runs: the fixed seconds (the start-up of a run that embeds: listing and planning, Ray ready,
+    the first actor's model loaded; any run with work pays it, however little it embeds; at least what a run
+    with nothing to do takes), and the rest of each run split by its stage times: the embedding stage's share
     over its records (seconds per record), the read, preprocess and write stages' share over its pieces built
     (seconds per piece: reading, carrying and writing grow with the pieces a refresh rebuilds); medians over
     ``runs``."""
-    fixed = quiet + statistics.median(_startup(r) for r in runs)
+    fixed = max(quiet, statistics.median(_startup(r) for r in runs))
     per_record, per_piece = [], []
     for r in runs:
         stages = {k: float(v or 0) for k, v in (r.get("stage_seconds") or {}).items()}
@@ -110,9 +110,10 @@ def rates(runs: list[dict[str, Any]], quiet: float) -> tuple[float, float, float
 
 
 def _startup(report: dict[str, Any]) -> float:
-    """Seconds from a run's start to its first result (reports from before that was recorded: Ray ready)."""
+    """Seconds from a run's start until its first actor had loaded its model (older reports: Ray ready); both
+    count from the command's start, so they hold the listing and planning too."""
     startup = report.get("startup") or {}
-    return float(startup.get("first_result") or startup.get("ray_ready") or 0)
+    return float(startup.get("first_actor_ready") or startup.get("ray_ready") or 0)
 
 
 def _shape(report: dict[str, Any]) -> tuple[Any, ...]:

@@ -63,8 +63,8 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print, command
     except BaseException as e:
         report.status, report.finished, report.error = "failed", now(), str(e)[:4000]
         report.lease_renewals = lease.renewals
+        keep_log(cfg, report, progress, log_mark)
         try:
-            keep_log(cfg, report, progress, log_mark)
             save_report(cfg, report)
         except StorageError:  # the store that failed the run may refuse the report too: the run's error matters
             pass
@@ -76,13 +76,21 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print, command
 
 def keep_log(cfg: EmbedConfig, report: RunReport, progress: Callable[[str], None], mark: int | None) -> None:
     """Ray's output during the run, when the command kept it off the console (pipelines/cli/raylog.py), beside
-    the run's report: ``_runs/<run id>.log`` (the report's ``log``)."""
+    the run's report: ``_runs/<run id>.log`` (the report's ``log``). Best effort: a log that cannot be written
+    never fails the run (nor hides its error); the command's local log still holds it."""
     since = getattr(progress, "log_since", None)
-    body = since(mark) if since is not None and mark is not None else b""
-    if body:
-        report.log = join(cfg.output, "_runs", f"{report.run_id}.log")
-        write_bytes(report.log, body, cfg.storage_options)
-        progress(f"Ray's output of this run: {report.log}")
+    if since is None or mark is None:
+        return
+    where = join(cfg.output, "_runs", f"{report.run_id}.log")
+    try:
+        body = since(mark)
+        if body:
+            write_bytes(where, body, cfg.storage_options)
+            report.log = where
+            progress(f"Ray's output of this run: {where}")
+    except Exception as e:  # noqa: BLE001
+        progress(f"note: Ray's output of this run could not be written to {where} ({type(e).__name__}); "
+                 "it is in the command's local log")
 
 
 def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, progress: Callable[[str], None],

@@ -57,7 +57,7 @@ def stream_pieces(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, todo: li
 
         blocks, report.reuse = plan_reuse(cfg, blocks, stored, sink.staged("reuse"))
         report.storage_retries += report.reuse["storage_retries"]
-    with data_context(cfg), RunWatch(cfg, report, progress, tracker) as watch:
+    with data_context(cfg), RunWatch(cfg, report, progress, tracker, t_start) as watch:
         try:
             if blocks:
                 watch.planned(blocks)

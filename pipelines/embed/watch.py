@@ -38,7 +38,8 @@ class RunWatch:
     read tasks and actors report to it) and the watching thread runs; :meth:`planned` gives it the run's
     blocks once they are known."""
 
-    def __init__(self, cfg: EmbedConfig, report: RunReport, progress: Callable[[str], None], tracker: Tracker) -> None:
+    def __init__(self, cfg: EmbedConfig, report: RunReport, progress: Callable[[str], None], tracker: Tracker,
+                 t_start: float | None = None) -> None:
         self.name = f"featx-board-{report.run_id}"
         self.progress = progress
         self.live = getattr(progress, "stages", None)  # a display that shows live counts
@@ -48,6 +49,7 @@ class RunWatch:
         self.bytes_total = 0
         self.blocks_total = 0
         self.t0 = time.perf_counter()
+        self.t_start = t_start if t_start is not None else self.t0  # the run's start (featx plan's time counts from it)
         self._stop = threading.Event()
         self._board: Any = None
         self._thread: threading.Thread | None = None
@@ -83,7 +85,9 @@ class RunWatch:
         import ray
 
         board = ray.get(self._board.counts.remote(), timeout=5)
-        return {"run_id": self.report.run_id, "command": self.report.command, "model": self.report.model, "seconds": time.perf_counter() - self.t0,
+        now = time.perf_counter()
+        return {"run_id": self.report.run_id, "command": self.report.command, "model": self.report.model,
+                "seconds": now - self.t0, "run_seconds": now - self.t_start,
                 "bytes_total": self.bytes_total, "blocks_total": self.blocks_total,
                 "estimate_s": (self.report.estimate or {}).get("seconds"),
                 "read": board.get("read", {}), "embed": board.get("embed", {}), "write": dict(self.tracker.written)}

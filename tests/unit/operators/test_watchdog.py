@@ -104,5 +104,8 @@ def test_the_board_sums_what_finished_blocks_put_out_per_stage() -> None:
     board.start("block of piece b", "read", 0.0)
     board.done("block of piece a", "read", 1.0, {"rows": 4, "errors": 2, "bytes": 100})
     board.done("block of piece c", "embed", 1.0, {})  # a failed block (retried): timed, not counted
+    board.done("block of piece a", "read", 1.0, {"rows": 4, "errors": 2, "bytes": 100})  # heard again: counted once
+    board.done("block of piece d", "embed", 1.0, {"rows": 3, "errors": 0}, key="block of piece d#k1")
+    board.done("block of piece d", "embed", 1.0, {"rows": 5, "errors": 1}, key="block of piece d#k4")  # 2nd window
     assert board.counts() == {"read": {"blocks": 1, "rows": 4, "errors": 2, "bytes": 100, "running": 1},
-                              "embed": {"blocks": 0, "running": 0}}
+                              "embed": {"blocks": 2, "rows": 8, "errors": 1, "running": 0}}

@@ -48,6 +48,8 @@ def test_eta_from_the_write_rate_else_from_the_plan_else_unknown() -> None:
     assert view["eta"] == (400 - 100) / 20 and view["eta_basis"] == "rate"
     view = stage_view(counts(10, (200, 500, 4), 150, 0, estimate_s=70.0), rates | {"write": 0.0})
     assert view["eta"] == 60.0 and view["eta_basis"] == "plan"  # nothing written yet: the plan's time left
+    started_earlier = {**counts(10, (200, 500, 4), 150, 0, estimate_s=70.0), "run_seconds": 25.0}
+    assert stage_view(started_earlier, {})["eta"] == 45.0  # the plan's time counts from the run's start
     assert stage_view(counts(10, (200, 500, 4), 150, 0), {})["eta"] is None
 
 
@@ -79,3 +81,20 @@ def test_a_terminal_gets_one_live_display_that_stops_at_the_stream_end() -> None
     assert "featx refresh" in text and "400/400 rows" in text and "\x1b[" in text  # drawn in place
     assert "progress " not in text  # no plain lines on a terminal
     assert text.rstrip().endswith("committed snapshot 2")
+
+
+def test_a_block_heard_twice_never_shows_more_rows_than_the_run_holds() -> None:
+    c = counts(5, (400, 1000, 8), 430, 400)  # 30 rows of a retried block counted again by the embed stage
+    assert [st["done"] for st in stage_view(c, {})["stages"]] == [400, 400, 400]
+
+
+def test_the_last_frame_stays_when_the_final_counts_are_lost_and_nothing_draws_after_close() -> None:
+    out = io.StringIO()
+    display = RunDisplay(Console(file=out, width=120, force_terminal=True), live=True)
+    display.stages(counts(1, (100, 250, 2), 50, 0))
+    display.stages({"run_id": "r1", "final": True})  # the board was gone at the end
+    assert "0/?" not in out.getvalue() and "100/~400 rows" in out.getvalue()
+    display.close()
+    before = out.getvalue()
+    display.stages(counts(2, (400, 1000, 8), 400, 400))
+    assert out.getvalue() == before

@@ -27,7 +27,7 @@ def test_fixed_per_record_and_per_piece_seconds_from_earlier_runs() -> None:
     runs = [_run(1000, 40.0, pieces=20, embed=30.0, other=10.0), _run(0, 1.0), _run(0, 3.0),
             _run(300, 15.0, pieces=8, embed=9.6, other=6.4)]
     busy = [r for r in runs if r["rows_in"]]
-    fixed = np.median([1.0, 3.0]) + 2.0  # a run with nothing to do, plus Ray's startup
+    fixed = max(np.median([1.0, 3.0]), 2.0)  # Ray's startup (from the command's start), at least a no-op run
     shares = [0.75, 0.6]  # each run's embedding stage over all its stage seconds
     per_record = np.median([s * (r["seconds"] - fixed) / r["rows_in"] for s, r in zip(shares, busy)])
     per_piece = np.median([(1 - s) * (r["seconds"] - fixed) / r["pieces_processed"] for s, r in zip(shares, busy)])
@@ -36,10 +36,10 @@ def test_fixed_per_record_and_per_piece_seconds_from_earlier_runs() -> None:
     assert abs(got["seconds"] - (fixed + per_record * 100 + per_piece * 63)) < 0.01
 
 
-def test_the_fixed_part_holds_the_start_up_to_the_first_result_where_reports_have_it() -> None:
+def test_the_fixed_part_holds_the_start_up_until_a_model_is_loaded_where_reports_have_it() -> None:
     runs = [_run(1000, 40.0, pieces=20, embed=30.0, other=10.0), _run(0, 1.0)]
-    runs[0]["startup"]["first_result"] = 6.0  # Ray ready at 2 s, the models loaded, the first block back at 6 s
-    fixed = 1.0 + 6.0
+    runs[0]["startup"]["first_actor_ready"] = 6.0  # Ray ready at 2 s, the first actor's model loaded at 6 s
+    fixed = 6.0
     per_record, per_piece = 0.75 * (40.0 - fixed) / 1000, 0.25 * (40.0 - fixed) / 20
     got = estimate(_work(10, 5), runs, "m")
     assert got["fixed_seconds"] == fixed
