@@ -186,12 +186,17 @@ def load_pieces(batch: pa.Table, ropts: ReadOptions, pre: ImagePreprocess | Text
             stored = stored_vectors(batch["plan"][0].as_py(), output, so, batch["reuse_dim"][0].as_py())
         if "follow" in batch.column_names:  # ... and across the blocks of the run
             held = held_rows(batch["follow"][0].as_py(), so)
-        out = [load_piece(json.loads(s), p, ropts, pre, *sl, stored=stored, held=held, sized=wd.size)
-               for p, s, sl in zip(pieces, batch["shards"].to_pylist(), slices)]
+        shards = [json.loads(s) for s in batch["shards"].to_pylist()]
+        out = [load_piece(sh, p, ropts, pre, *sl, stored=stored, held=held, sized=wd.size)
+               for p, sh, sl in zip(pieces, shards, slices)]
         out = [t for t in out if t.num_rows] or out[:1]  # an empty slice adds nothing (and no schema clash)
         table = pa.concat_tables(out, promote_options="permissive") if len(out) > 1 else out[0]
         # the run's progress display: what this block put out, and its share of the input bytes
-        read_bytes = sum(sum(int(sh.get("size") or 0) for sh in json.loads(s)) // max(1, sl[1])
-                         for s, sl in zip(batch["shards"].to_pylist(), slices))
-        wd.put_out({**outcome(table, C.ERR_STAGE), "bytes": read_bytes})
+        wd.put_out({**outcome(table, C.ERR_STAGE), "bytes": sum(map(slice_bytes, shards, slices))})
         return table
+
+
+def slice_bytes(piece_shards: list[dict[str, Any]], piece_slice: list[int]) -> int:
+    """The input bytes a block item reads, as the progress display counts them: its shards' sizes, and of a
+    piece read in ``[i, k]`` slices, a k-th of them."""
+    return sum(int(s.get("size") or 0) for s in piece_shards) // max(1, piece_slice[1])

@@ -83,20 +83,13 @@ def job_run(ray_log: bool = False, verbose: bool = False) -> Iterator["RunDispla
 def job_log(display: "RunDisplay", folder: str, storage_options: dict[str, Any] | None = None) -> Iterator[None]:
     """Around a learning job's work: Ray's output during it (kept off the console by job_run) is written to
     ``FOLDER/_ray.log`` when it ends, failed or not (the leading underscore keeps it out of readers' globs)."""
+    from operators.io.storage import join
+
     mark = display.log_mark()
     try:
         yield
     finally:
-        try:
-            from operators.io.storage import join, write_bytes
-
-            body = display.log_since(mark)
-            if body:
-                where = join(folder, "_ray.log")
-                write_bytes(where, body, storage_options)
-                say(f"Ray's output of this job: {where}")
-        except Exception:  # noqa: BLE001 - best effort: the job's own outcome matters; the local log stays
-            say(f"Ray's output of this job: {display.ray_log.path}")
+        display.keep_log(mark, join(folder, "_ray.log"), storage_options)
 
 
 def _capture(stack: contextlib.ExitStack, verbose: bool) -> Any:

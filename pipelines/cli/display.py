@@ -160,7 +160,7 @@ class RunDisplay:
     """``display(message)``: a line on the console (above the live display on a terminal);
     ``display.stages(counts)``: the live counts of the streaming run. ``live``: a live display (a terminal,
     not --verbose); otherwise a plain line every ``interval_s`` seconds. The run's log hooks (``log_mark``,
-    ``log_since``) come from the :class:`pipelines.cli.raylog.RayLog` the command runs under, if any."""
+    ``keep_log``) use the :class:`pipelines.cli.raylog.RayLog` the command runs under, if any."""
 
     def __init__(self, console: Console, live: bool, interval_s: float = 10.0, ray_log: Any = None) -> None:
         self.console = console
@@ -215,9 +215,27 @@ class RunDisplay:
             self._closed = True
             self._stop_live()
 
-    # -- the run's share of Ray's log (pipelines/embed/job.py keeps it beside the run's report)
+    # -- a run's share of Ray's log, kept where the run keeps its outputs (an embedding run: beside its report,
+    # pipelines/embed/job.py; a learning job: in its output folder, pipelines/cli/common.py job_log)
     def log_mark(self) -> int | None:
         return self.ray_log.mark() if self.ray_log is not None else None
 
-    def log_since(self, mark: int | None) -> bytes:
-        return self.ray_log.since(mark) if self.ray_log is not None and mark is not None else b""
+    def keep_log(self, mark: int | None, where: str, storage_options: dict[str, Any] | None = None) -> str | None:
+        """Write what Ray's log took in since ``mark`` to ``where`` and say so; returns ``where``, or None when
+        nothing was captured. Best effort: a write that fails is said and never fails the run (nor hides its
+        error); the command's local log still holds it."""
+        if self.ray_log is None or mark is None:
+            return None
+        try:
+            from operators.io.storage import write_bytes
+
+            body = self.ray_log.since(mark)
+            if not body:
+                return None
+            write_bytes(where, body, storage_options)
+        except Exception as e:  # noqa: BLE001
+            self(f"note: Ray's output could not be written to {where} ({type(e).__name__}); it is in "
+                 f"{self.ray_log.path}")
+            return None
+        self(f"Ray's output of this run: {where}")
+        return where

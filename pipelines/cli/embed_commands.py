@@ -53,21 +53,29 @@ def refresh(
     verbose: bool = VERBOSE,
 ) -> None:
     """Embed only new or changed shards; drop removed ones; keep the rest. Safe to run from cron."""
-    from operators.errors import ConfigError
-    from pipelines.config import EmbedConfig
     from pipelines.embed.job import run_embed
 
     if dry_run:
         plan(config=config, output=output, set_=set_, json_out=json_out)
         return
     with job_run(ray_log=True, verbose=verbose) as show:
-        if config is None and output is None:
-            raise ConfigError("refresh needs --config FILE, or --output URI of a table featx wrote "
-                              "(its saved config is used)")
-        cfg = job_config(EmbedConfig, config, {"output": output}, set_, saved_at=output)
+        cfg = _saved_job("refresh", config, output, set_)
         show.interval_s = cfg.progress_interval_s
         report = run_embed(cfg, progress=show, command="refresh")
     _show_report(report, json_out)
+
+
+def _saved_job(command: str, config: Optional[str], output: Optional[str], sets: list[str],
+               quiet: bool = False) -> Any:
+    """The job config of `featx refresh` / `featx plan`: ``--config FILE``, or the config the run that wrote
+    ``--output`` saved there."""
+    from operators.errors import ConfigError
+    from pipelines.config import EmbedConfig
+
+    if config is None and output is None:
+        raise ConfigError(f"{command} needs --config FILE, or --output URI of a table featx wrote (its saved config "
+                          "is used)")
+    return job_config(EmbedConfig, config, {"output": output}, sets, saved_at=output, quiet=quiet)
 
 
 EXIT_PENDING = 3  # featx plan: work is pending (cron can branch on it)
@@ -81,16 +89,10 @@ def plan(
 ) -> None:
     """What the next refresh would do (shards, pieces, bytes, records) and how long it would take, from this
     output's earlier runs. Nothing is written and no Ray starts. Exit 0: nothing would change; 3: work pending."""
-    from operators.errors import ConfigError
-    from pipelines.config import EmbedConfig
     from pipelines.embed.dryrun import plan_run
 
     with featx_errors():
-        if config is None and output is None:
-            raise ConfigError("plan needs --config FILE, or --output URI of a table featx wrote (its saved config "
-                              "is used)")
-        cfg = job_config(EmbedConfig, config, {"output": output}, set_, saved_at=output, quiet=True)
-        p = plan_run(cfg)
+        p = plan_run(_saved_job("plan", config, output, set_, quiet=True))
     if json_out:
         print_json(p)
     else:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from operators.errors import ConfigError, InputError, PipelineError, StorageError
 from operators.io.parquet import read_parquet
-from operators.io.storage import join, retries_done, still_present, write_bytes
+from operators.io.storage import join, retries_done, still_present
 from operators.models.specs import ModelSpec
 from operators.write.sink import SinkOptions
 from pipelines import __version__
@@ -76,21 +76,11 @@ def run_embed(cfg: EmbedConfig, progress: Callable[[str], None] = print, command
 
 def keep_log(cfg: EmbedConfig, report: RunReport, progress: Callable[[str], None], mark: int | None) -> None:
     """Ray's output during the run, when the command kept it off the console (pipelines/cli/raylog.py), beside
-    the run's report: ``_runs/<run id>.log`` (the report's ``log``). Best effort: a log that cannot be written
-    never fails the run (nor hides its error); the command's local log still holds it."""
-    since = getattr(progress, "log_since", None)
-    if since is None or mark is None:
-        return
-    where = join(cfg.output, "_runs", f"{report.run_id}.log")
-    try:
-        body = since(mark)
-        if body:
-            write_bytes(where, body, cfg.storage_options)
-            report.log = where
-            progress(f"Ray's output of this run: {where}")
-    except Exception as e:  # noqa: BLE001
-        progress(f"note: Ray's output of this run could not be written to {where} ({type(e).__name__}); "
-                 "it is in the command's local log")
+    the run's report: ``_runs/<run id>.log`` (the report's ``log``). The display writes it, best effort
+    (pipelines/cli/display.py: a log that cannot be written never fails the run)."""
+    keep = getattr(progress, "keep_log", None)
+    if keep is not None:
+        report.log = keep(mark, join(cfg.output, "_runs", f"{report.run_id}.log"), cfg.storage_options) or ""
 
 
 def _run(cfg: EmbedConfig, spec: ModelSpec, report: RunReport, lease: Lease, progress: Callable[[str], None],

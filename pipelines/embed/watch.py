@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
+from operators.read.loading import slice_bytes
 from pipelines.config import EmbedConfig
 from pipelines.embed.report import RunReport
 from pipelines.embed.tracker import Tracker
@@ -25,12 +26,9 @@ LIVE_TICK_S = 1.0  # how often a live display gets the counts
 
 
 def block_bytes(blocks: list[pa.Table]) -> int:
-    """The input bytes of the run's blocks, counted as the read stage counts them (a slice: its share)."""
-    total = 0
-    for b in blocks:
-        for shards, sl in zip(b["shards"].to_pylist(), b["slice"].to_pylist()):
-            total += sum(int(s.get("size") or 0) for s in json.loads(shards)) // max(1, sl[1])
-    return total
+    """The input bytes of the run's blocks, counted as the read stage counts them (:func:`slice_bytes`)."""
+    return sum(slice_bytes(json.loads(shards), sl)
+               for b in blocks for shards, sl in zip(b["shards"].to_pylist(), b["slice"].to_pylist()))
 
 
 class RunWatch:

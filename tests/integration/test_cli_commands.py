@@ -42,7 +42,7 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours, and the cursor moves of a live display
 # Ray Train 2.60's placement-group cleaner thread dies with this when another Ray runs on the same machine (a
 # test session's own Ray, the head below): it cannot tell which one is its own. The training is unaffected.
 RAY_TRAIN_NOISE = re.compile(
@@ -106,10 +106,7 @@ RAY_LINE = re.compile(r"\b(INFO|WARNING|ERROR|DEBUG)\s+[\w./]+\.py:\d+ --|\.cc:\
 
 
 def ray_lines(text: str) -> list[str]:
-    return [line for line in ANSI_ALL.sub("", text).splitlines() if RAY_LINE.search(line)]
-
-
-ANSI_ALL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+    return [line for line in ANSI.sub("", text).splitlines() if RAY_LINE.search(line)]
 
 
 def featx_tty(*args: str, cwd: Path, timeout: float = 240) -> Run:
@@ -152,8 +149,8 @@ def featx_tty(*args: str, cwd: Path, timeout: float = 240) -> Run:
             pass
     text = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
     run = Run(list(args), proc.returncode, text, "")
-    assert run.code == 0, f"featx {' '.join(args)} -> {run.code}\n{ANSI_ALL.sub('', text)[-6000:]}"
-    assert not unexpected_tracebacks(text), ANSI_ALL.sub("", text)[-6000:]
+    assert run.code == 0, f"featx {' '.join(args)} -> {run.code}\n{ANSI.sub('', text)[-6000:]}"
+    assert not unexpected_tracebacks(text), ANSI.sub("", text)[-6000:]
     return run
 
 
@@ -218,7 +215,7 @@ def test_embed_refresh_status(work: dict[str, Any]) -> None:
     assert dry["embed"]["shards"] == 1 and dry["embed"]["records_estimate"] > 0
     # the refresh on a terminal: featx's live display (redrawn in place), none of Ray's lines
     run = featx_tty("refresh", "--output", str(table), cwd=root)
-    shown = ANSI_ALL.sub("", run.out)
+    shown = ANSI.sub("", run.out)
     assert _resolved_config(shown)["input"] == str(work["input"])
     assert re.search(r"featx refresh · hf:\S+ · \d+:\d\d · ETA", shown) and "\x1b[1A" in run.out, shown
     assert re.search(r"^  write .* 4/4 rows +[\d.]+ rows/s", shown, re.M), shown
