@@ -80,15 +80,13 @@ def stage_view(counts: dict[str, Any], rates: dict[str, float]) -> dict[str, Any
     total, exact = expected_rows(counts)
     stages = []
     for stage in STAGES:
-        c = counts.get(stage) or {}
         done = stage_done(counts, stage)
         if exact and total is not None:
             done = min(done, total)  # a block retried after it finished is heard twice
         finished = exact and total is not None and done >= total  # its average, not an idle window's zero
         rate = rates.get(f"avg:{stage}", 0.0) if finished else rates.get(stage, 0.0)
-        stages.append({"stage": stage, "done": done, "total": total, "exact": exact,
-                       "rate": round(rate, 2), "errors": int(c.get("errors") or 0),
-                       "reused": int(c.get("reused") or 0), "deduped": int(c.get("deduped") or 0)})
+        stages.append({"stage": stage, "done": done, "total": total, "exact": exact, "rate": round(rate, 2),
+                       "errors": int((counts.get(stage) or {}).get("errors") or 0)})
     written, rate = stages[-1]["done"], rates.get("write", 0.0)
     seconds = float(counts.get("seconds") or 0.0)
     if total is not None and written and rate > 0:
